@@ -1,0 +1,207 @@
+"""The ``forensic-gender`` command. The only place that prints and the only place where
+library errors become messages and exit codes (0 ok, 1 some files failed, 2 usage/start-up)."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+from daemon import __version__
+from daemon import config as config_mod
+
+log = logging.getLogger("daemon")
+
+# Modules that add their own sub-commands with ``register_cli(subparsers)``; optional ones
+# (not yet present in a checkout) are skipped.
+PLUGINS = ("daemon.models", "daemon.evaluate", "daemon.service", "daemon.queries.cli", "daemon.web")
+
+
+def setup_logging(level: str = "INFO") -> None:
+    """Log to stderr; without timestamps under systemd (journald adds them)."""
+    fmt = "%(levelname)s %(name)s: %(message)s" if os.environ.get("JOURNAL_STREAM") else "%(asctime)s %(levelname)s %(name)s: %(message)s"
+    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO), format=fmt, stream=sys.stderr, force=True)
+
+
+def add_config_args(p: argparse.ArgumentParser, *, db: bool = True) -> None:
+    p.add_argument("--config", metavar="FILE", help="YAML configuration (see config.example.yaml)")
+    if db:
+        p.add_argument("--db", metavar="URL", help="database URL (overrides the configuration), e.g. sqlite:///var/forensic-gender.db")
+
+
+def load_config(args: argparse.Namespace, *, check_paths: bool = True) -> config_mod.Config:
+    """The configuration named by ``--config`` (or defaults), with ``--db`` applied."""
+    cfg = config_mod.load(getattr(args, "config", None), check_paths=check_paths)
+    if getattr(args, "db", None):
+        from dataclasses import replace
+
+        cfg = replace(cfg, database=config_mod.parse({"database": args.db}, check_paths=False).database)
+    return cfg
+
+
+def _out_dir_allowed(out: Path, inputs: list[Path], cfg: config_mod.Config) -> str | None:
+    """Why ``out`` may not receive output (inside an input's folder or a watched root), or None."""
+    out = out.resolve()
+    forbidden = [p.resolve().parent for p in inputs] + [Path(r.path) for r in cfg.watch.roots]
+    for d in forbidden:
+        if out == d or d in out.parents:
+            return f"{out} is inside {d}, which holds evidence; write annotated copies elsewhere"
+    return None
+
+
+def cmd_analyze(args: argparse.Namespace) -> int:
+    from daemon.pipeline import images
+    from daemon.pipeline.analyze import load_pipeline
+    from daemon.render import draw_faces, encode
+
+    cfg = load_config(args, check_paths=False)
+    inputs = [Path(p) for p in args.images]
+    if args.annotate:
+        why = _out_dir_allowed(Path(args.annotate), inputs, cfg)
+        if why:
+            print(f"forensic-gender analyze: --annotate {args.annotate}: {why}", file=sys.stderr)
+            return 2
+        Path(args.annotate).mkdir(parents=True, exist_ok=True)
+    pipeline = load_pipeline(cfg.pipeline)
+    failed = 0
+    for path in inputs:
+        doc: dict = {"path": str(path), "sha256": None, "width": None, "height": None, "status": "ok", "faces": []}
+        try:
+            fb = images.read_file(path, max_bytes=cfg.pipeline.limits.max_file_bytes)
+            doc.update(sha256=fb.sha256, md5=fb.md5)
+            res = pipeline.analyze_bytes(fb, str(path))
+            doc.update(width=res.width, height=res.height, format=res.format, orientation=res.orientation,
+                       frames=res.frames, notes=list(res.notes), faces=[f.to_json() for f in res.faces])
+        except images.ImageError as err:
+            failed += 1
+            doc.update(status="failed", reason=err.reason, error=err.message)
+        if args.json:
+            print(json.dumps(doc))
+        else:
+            _print_analysis(doc)
+        if args.annotate and doc["status"] == "ok":
+            dec = images.decode(fb.data, max_pixels=cfg.pipeline.limits.max_pixels)
+            name = f"{path.stem}.{(doc['sha256'] or '')[:12]}.annotated.jpg"
+            (Path(args.annotate) / name).write_bytes(encode(draw_faces(dec.bgr, doc["faces"])))
+    return 1 if failed else 0
+
+
+def _print_analysis(doc: dict) -> None:
+    if doc["status"] != "ok":
+        print(f"{doc['path']}: FAILED ({doc['reason']}): {doc['error']}")
+        return
+    print(f"{doc['path']}: {doc['width']}x{doc['height']} {doc.get('format')}, {len(doc['faces'])} face(s), sha256 {doc['sha256'][:16]}…")
+    for i, f in enumerate(doc["faces"]):
+        x1, y1, x2, y2 = f["box"]
+        age = f"age {f['age']:.0f}±{f['age_std']:.0f}" if f.get("age") is not None else ""
+        print(f"  face {i}: box ({x1:.0f},{y1:.0f})-({x2:.0f},{y2:.0f}) {f['width_px']:.0f}px score {f['score']:.2f}  "
+              f"{f['gender']:9s} p(male) {f['p_male']:.3f}  {age}")
+
+
+def cmd_scan(args: argparse.Namespace) -> int:
+    from daemon.scan import scan
+
+    cfg = load_config(args)
+    for p in args.paths:
+        if not os.path.exists(p):
+            print(f"forensic-gender scan: {p}: no such file or directory", file=sys.stderr)
+            return 2
+    bar = None
+    if not args.no_progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=0, unit="img", file=sys.stderr, dynamic_ncols=True, disable=None)
+
+    def progress(done: int, total: int) -> None:
+        if bar is not None:
+            bar.total = total
+            bar.n = done
+            bar.refresh()
+
+    try:
+        s = scan(args.paths, cfg, workers=args.workers, progress=progress)
+    finally:
+        if bar is not None:
+            bar.close()
+    d = s.discovered
+    g = s.genders
+    print(f"files: {d.new} new, {d.changed + d.revived} changed, {d.unchanged} unchanged")
+    print(f"images: {s.analysed} analysed, {s.linked} already known (same content), {sum(s.failures.values())} failed")
+    print(f"faces: {s.faces} (female {g['female']}, male {g['male']}, uncertain {g['uncertain']})")
+    if s.failures:
+        print("failures: " + ", ".join(f"{k} {v}" for k, v in s.failures.most_common()))
+    print(f"time: {s.seconds:.1f} s, {s.images_per_second:.2f} images/s; database {cfg.database}; model bundle {s.bundle_key}")
+    return 0
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    cfg = load_config(args)
+    print(f"{args.config or '(defaults)'}: ok; database {cfg.database}; {len(cfg.watch.roots)} watched root(s)")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="forensic-gender", description="Forensic image triage: faces, gender and age.")
+    parser.add_argument("--version", action="version", version=f"forensic-gender {__version__}")
+    parser.add_argument("--log-level", default=None, help="DEBUG, INFO, WARNING or ERROR")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("scan", help="analyse every image under PATHs into the database, then stop")
+    p.add_argument("paths", nargs="+", metavar="PATH")
+    add_config_args(p)
+    p.add_argument("--workers", type=int, default=0, help="worker processes (default: one per core)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_scan)
+
+    p = sub.add_parser("analyze", help="analyse single images and print the faces (no database)")
+    p.add_argument("images", nargs="+", metavar="IMAGE")
+    add_config_args(p, db=False)
+    p.add_argument("--json", action="store_true", help="one JSON document per image")
+    p.add_argument("--annotate", metavar="OUT_DIR", help="write annotated copies into OUT_DIR (never next to the input)")
+    p.set_defaults(func=cmd_analyze)
+
+    p = sub.add_parser("check-config", help="validate a configuration file (for ExecStartPre=)")
+    add_config_args(p)
+    p.set_defaults(func=cmd_check_config)
+
+    for name in PLUGINS:
+        try:
+            mod = importlib.import_module(name)
+        except ModuleNotFoundError as err:
+            if err.name and name.startswith(err.name):
+                continue
+            raise
+        mod.register_cli(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from daemon.models import ModelError
+    from daemon.pipeline.sessions import ModelLoadError
+    from daemon.store.engine import StoreError
+    from daemon.workers import WorkerStartError
+
+    args = build_parser().parse_args(argv)
+    setup_logging(args.log_level or "WARNING" if args.command not in ("run",) else args.log_level or "INFO")
+    try:
+        return int(args.func(args) or 0)
+    except config_mod.ConfigError as err:
+        print(f"forensic-gender: {err}", file=sys.stderr)
+    except (ModelError, ModelLoadError) as err:
+        print(f"forensic-gender: model problem: {err}", file=sys.stderr)
+    except WorkerStartError as err:
+        print(f"forensic-gender: the analysis workers could not start: {err}", file=sys.stderr)
+    except StoreError as err:
+        print(f"forensic-gender: {err}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print("forensic-gender: interrupted", file=sys.stderr)
+        return 130
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Image analysis pipeline: bytes -> decoded image -> faces -> gender and age. No database, no watcher."""

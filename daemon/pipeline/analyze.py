@@ -1,0 +1,270 @@
+"""The analysis pipeline as a library: bytes -> decoded upright image -> faces with gender and age.
+
+No database and no watcher here. ``load_pipeline(config)`` loads the models once (eagerly, so a
+missing or wrong model fails at start-up); ``Pipeline.analyze_file(path)`` reads the file once,
+hashes it, decodes it safely and returns an :class:`ImageResult`. Per-file problems raise
+:class:`daemon.pipeline.images.ImageError` with a machine-readable ``reason``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from daemon import models as model_store
+from daemon.config import PipelineConfig
+from daemon.pipeline import align, classify, detect, images
+from daemon.pipeline.sessions import ModelLoadError, Session, check_probabilities
+
+log = logging.getLogger(__name__)
+
+DLIB_MEANS = (122.782, 117.001, 104.298)
+SEED_SIZE = 150
+
+
+@dataclass(frozen=True)
+class Face:
+    """One face. Geometry in the upright, full-resolution image (see :mod:`detect`)."""
+
+    box: tuple[float, float, float, float]
+    score: float
+    landmarks: tuple[tuple[float, float], ...]
+    width_px: float
+    p_male: float
+    p_female: float
+    gender: str
+    age: float | None
+    age_std: float | None
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        d["box"] = [round(v, 1) for v in self.box]
+        d["landmarks"] = [[round(x, 1), round(y, 1)] for x, y in self.landmarks]
+        for k in ("score", "p_male", "p_female", "width_px", "age", "age_std"):
+            if d[k] is not None:
+                d[k] = round(d[k], 4)
+        return d
+
+
+@dataclass(frozen=True)
+class ImageResult:
+    """Everything the pipeline learned about one file."""
+
+    path: str
+    size: int
+    sha256: str
+    md5: str
+    mtime_ns: int
+    format: str
+    width: int
+    height: int
+    orientation: int
+    frames: int
+    notes: tuple[str, ...]
+    faces: tuple[Face, ...]
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ChipSpec:
+    """How a classifier wants its input: aligned chips or loose crops, size and normalization."""
+
+    kind: str  # "aligned" | "loose"
+    size: int
+    means_rgb: tuple[float, float, float] | None
+    scale: float
+    output: str  # "softmax2" (female, male) | "sigmoid1" (p male) | "softmax-age"
+    input_name: str
+    output_name: str
+    padding: float = align.PADDING
+    temperature: float = 1.0
+
+
+class Detector:
+    """CenterFace through onnxruntime, with the configured input policy."""
+
+    def __init__(self, session: Session, cfg) -> None:
+        self.session = session
+        self.cfg = cfg
+
+    def detect(self, bgr: np.ndarray) -> detect.Detections:
+        """Faces in ``bgr``'s own pixel frame, after NMS."""
+        h, w = bgr.shape[:2]
+        found = []
+        for p in detect.plan_passes(w, h, self.cfg.max_side, self.cfg.tile_side):
+            crop = bgr[p.y : p.y + p.h, p.x : p.x + p.w]
+            tw, th, _ = detect.input_size(p.w, p.h, int(round(max(p.w, p.h) * p.scale)))
+            small = align.resize(crop, tw, th)
+            outs = self.session.run({"input.1": detect.to_blob(small[..., ::-1])})
+            dets = detect.decode(*outs, threshold=self.cfg.threshold, valid_hw=(th, tw))
+            found.append(dets.transformed(tw / p.w, p.x, p.y))
+        dets = detect.Detections.concat(found)
+        keep = detect.nms(dets.boxes, dets.scores, self.cfg.nms_iou)
+        dets = dets.take(keep)
+        if self.cfg.min_face_px > 0 and len(dets):
+            dets = dets.take(np.nonzero(dets.boxes[:, 2] - dets.boxes[:, 0] >= self.cfg.min_face_px)[0])
+        return dets
+
+
+class Classifier:
+    """A gender or age network with its chip specification."""
+
+    def __init__(self, session: Session, spec: ChipSpec, *, flip_tta: bool = False) -> None:
+        self.session, self.spec, self.flip_tta = session, spec, flip_tta
+
+    def chips(self, bgr: np.ndarray, dets: detect.Detections) -> np.ndarray:
+        if self.spec.kind == "loose":
+            return align.loose_crops(bgr, dets.boxes, self.spec.size)
+        return align.align_faces(bgr, dets.landmarks, self.spec.size, padding=self.spec.padding)
+
+    def probabilities(self, chips: np.ndarray) -> np.ndarray:
+        """(N, K) checked probabilities for uint8 BGR chips, one batch for all faces."""
+        s = self.spec
+        x = classify.normalize(chips, s.means_rgb, s.scale)
+        n = len(chips)
+        if self.flip_tta:
+            x = np.concatenate([x, x[..., ::-1].copy()])
+        (raw,) = self.session.run({s.input_name: x})
+        where = f"{self.session.name} output {s.output_name!r}"
+        if s.output == "sigmoid1":
+            p = check_probabilities(np.asarray(raw, np.float32).reshape(len(x), -1), len(x), 1, where, rows_sum_to_one=False)
+            p = np.concatenate([1 - p, p], axis=1)
+        else:
+            k = 2 if s.output == "softmax2" else 81
+            p = check_probabilities(np.asarray(raw), len(x), k, where, rows_sum_to_one=True)
+        if self.flip_tta:
+            p = (p[:n] + p[n:]) / 2
+        if s.output != "softmax-age" and s.temperature != 1.0:
+            pm = classify.apply_temperature(p[:, 1], s.temperature)
+            p = np.stack([1 - pm, pm], axis=1)
+        return p
+
+
+class Pipeline:
+    """Detector + gender classifier (+ age estimator) with the parameters that shape results."""
+
+    def __init__(self, cfg: PipelineConfig, detector: Detector, gender: Classifier, age: Classifier | None, bundle: dict) -> None:
+        self.cfg, self.detector, self.gender, self.age = cfg, detector, gender, age
+        self.bundle = bundle
+        self.bundle_key = hashlib.sha256(json.dumps(bundle, sort_keys=True).encode()).hexdigest()[:16]
+
+    def decode_hint(self) -> int:
+        d = self.cfg.detector
+        return d.max_side * 2 if d.tile_side else d.max_side
+
+    def analyze_file(self, path: str | os.PathLike) -> ImageResult:
+        """Read once, hash, decode, analyse. Raises ``images.ImageError`` for bad input."""
+        t0 = time.perf_counter()
+        fb = images.read_file(path, max_bytes=self.cfg.limits.max_file_bytes)
+        return self.analyze_bytes(fb, str(path), t0)
+
+    def analyze_bytes(self, fb: images.FileBytes, path: str = "", t0: float | None = None) -> ImageResult:
+        t0 = time.perf_counter() if t0 is None else t0
+        dec = images.decode(fb.data, max_pixels=self.cfg.limits.max_pixels, min_side_hint=self.decode_hint())
+        t1 = time.perf_counter()
+        faces, secs = self.analyze_array(dec.bgr, dec.scale)
+        secs["read_decode"] = t1 - t0
+        return ImageResult(
+            path=path, size=fb.size, sha256=fb.sha256, md5=fb.md5, mtime_ns=fb.mtime_ns,
+            format=dec.format, width=dec.width, height=dec.height, orientation=dec.orientation,
+            frames=dec.frames, notes=tuple(dec.notes), faces=tuple(faces), seconds=secs,
+        )
+
+    def analyze_array(self, bgr: np.ndarray, scale: float = 1.0) -> tuple[list[Face], dict[str, float]]:
+        """Faces in an upright BGR image that is ``scale`` times the full-resolution image."""
+        t0 = time.perf_counter()
+        dets = self.detector.detect(bgr)
+        t1 = time.perf_counter()
+        if not len(dets):
+            return [], {"detect": t1 - t0, "classify": 0.0}
+        pg = self.gender.probabilities(self.gender.chips(bgr, dets))
+        labels = classify.decide(pg[:, 1], self.cfg.gender.threshold, self.cfg.gender.uncertain_margin)
+        ages = stds = None
+        if self.age is not None:
+            ages, stds = classify.age_statistics(self.age.probabilities(self.age.chips(bgr, dets)))
+        t2 = time.perf_counter()
+        full = dets.transformed(scale)
+        faces = []
+        for i in range(len(full)):
+            b = tuple(float(v) for v in full.boxes[i])
+            faces.append(Face(
+                box=b, score=float(full.scores[i]),
+                landmarks=tuple((float(x), float(y)) for x, y in full.landmarks[i]),
+                width_px=b[2] - b[0], p_male=float(pg[i, 1]), p_female=float(pg[i, 0]), gender=labels[i],
+                age=None if ages is None else float(ages[i]), age_std=None if stds is None else float(stds[i]),
+            ))
+        return faces, {"detect": t1 - t0, "classify": t2 - t1}
+
+
+def load_pipeline(cfg: PipelineConfig, *, threads: int = 1) -> Pipeline:
+    """Load and check every model named by ``cfg``; raises ModelError / ModelLoadError."""
+    align.set_threads(threads)
+    mdir = Path(cfg.models_dir) if cfg.models_dir else model_store.default_models_dir()
+    manifest = model_store.load_manifest(mdir)
+    det_path = model_store.model_file(mdir, manifest, "centerface")
+    det = Detector(Session(det_path, inputs={"input.1": 4}, outputs=["537", "538", "539", "540"], threads=threads, name="centerface"), cfg.detector)
+    hashes = {"centerface": manifest.models["centerface"].inference_sha256}
+
+    g = cfg.gender
+    if g.kind == "seed-efficientnet":
+        path = Path(g.model)
+        sess = Session(path, inputs={"input.1": 4}, outputs=None, threads=threads, name=path.name)
+        if len(sess.output_names) != 1:
+            raise ModelLoadError(f"{path}: a seed-efficientnet model must have exactly one output (p male), it has {sess.output_names}")
+        spec = ChipSpec("loose", SEED_SIZE, None, 1 / 255, "sigmoid1", "input.1", sess.output_names[0])
+        hashes["gender"] = _sha256(path)
+    else:
+        gspec = manifest.models[g.model]
+        path = model_store.model_file(mdir, manifest, g.model)
+        spec = chip_spec(gspec)
+        sess = Session(path, inputs={spec.input_name: 4}, outputs=[spec.output_name], threads=threads, name=g.model)
+        hashes["gender"] = gspec.inference_sha256
+    gender = Classifier(sess, spec, flip_tta=g.flip_tta)
+
+    age = None
+    if cfg.age.enabled:
+        aspec = chip_spec(manifest.models[cfg.age.model], age=True)
+        apath = model_store.model_file(mdir, manifest, cfg.age.model)
+        age = Classifier(Session(apath, inputs={aspec.input_name: 4}, outputs=[aspec.output_name], threads=threads, name=cfg.age.model), aspec)
+        hashes["age"] = manifest.models[cfg.age.model].inference_sha256
+
+    d = cfg.detector
+    bundle = {
+        "models": hashes,
+        "detector": {"threshold": d.threshold, "nms_iou": d.nms_iou, "max_side": d.max_side, "tile_side": d.tile_side, "min_face_px": d.min_face_px},
+        "gender": {"model": Path(g.model).name, "kind": g.kind, "flip_tta": g.flip_tta, "template": align.TEMPLATE.round(4).tolist()},
+    }
+    return Pipeline(cfg, det, gender, age, bundle)
+
+
+def chip_spec(spec: model_store.ModelSpec, *, age: bool = False) -> ChipSpec:
+    """The chip specification a manifest entry describes (never guessed from tensor shapes)."""
+    size = int(spec.input.shape[-1])
+    norm = spec.normalization
+    means = tuple(norm.means) if any(norm.means) else None
+    if age:
+        output = "softmax-age"
+    else:
+        output = "sigmoid1" if spec.labels is not None and len(spec.labels) == 1 else "softmax2"
+        if spec.labels is not None and len(spec.labels) == 2 and tuple(spec.labels) != ("female", "male"):
+            raise ModelLoadError(f"{spec.name}: gender labels must be [female, male], the manifest says {list(spec.labels)}")
+    return ChipSpec(
+        kind="aligned", size=size, means_rgb=means, scale=float(norm.scale), output=output,
+        input_name=spec.input.name, output_name=spec.outputs[0].name,
+        temperature=float(getattr(spec, "temperature", None) or 1.0),
+    )
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()

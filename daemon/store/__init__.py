@@ -1,0 +1,1 @@
+"""Results store: SQLAlchemy schema, per-dialect engine setup, the writer and read queries."""

@@ -1,0 +1,297 @@
+"""All writes to the results database. One :class:`Store` per process that writes.
+
+The ``files`` table is the work queue: discovery upserts rows (idempotent; events, start-up scans
+and rescans all go through :meth:`Store.upsert_files`), workers' results come back to the one
+writer, which records them only while this host still holds the file's lease.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+from sqlalchemy import Connection, Engine, and_, func, or_, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+
+from daemon.store import schema as s
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class FileStat:
+    """What discovery saw of one path (a regular file unless ``reason`` says otherwise)."""
+
+    path: str
+    root: str
+    size: int
+    mtime_ns: int
+    inode: int | None = None
+    reason: str | None = None  # not_regular_file, symlink, ... -> recorded as failed at once
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class Claim:
+    id: int
+    path: str
+    attempts: int
+
+
+@dataclass
+class UpsertCounts:
+    new: int = 0
+    changed: int = 0
+    unchanged: int = 0
+    revived: int = 0
+
+
+def _insert(conn: Connection, table):  # noqa: ANN001, ANN202
+    return (postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert)(table)
+
+
+class Store:
+    """The single writer's API over an engine whose schema is migrated."""
+
+    def __init__(self, engine: Engine, host: str) -> None:
+        self.engine, self.host = engine, host
+
+    # -- discovery ---------------------------------------------------------------------------
+
+    def upsert_files(self, stats: Iterable[FileStat], *, chunk: int = 500) -> UpsertCounts:
+        """Insert new paths as queued; re-queue paths whose size, mtime or inode changed (new
+        content) or that had been marked gone; leave unchanged rows alone. Idempotent."""
+        counts = UpsertCounts()
+        batch: list[FileStat] = []
+        for st in stats:
+            batch.append(st)
+            if len(batch) >= chunk:
+                self._upsert_batch(batch, counts)
+                batch = []
+        if batch:
+            self._upsert_batch(batch, counts)
+        return counts
+
+    def _upsert_batch(self, batch: Sequence[FileStat], counts: UpsertCounts) -> None:
+        now = time.time()
+        f = s.files
+        with self.engine.begin() as conn:
+            rows = {r.path: r for r in conn.execute(
+                select(f.c.path, f.c.size, f.c.mtime_ns, f.c.inode, f.c.state).where(f.c.path.in_([b.path for b in batch]))
+            )}
+            for st in batch:
+                old = rows.get(st.path)
+                state = "failed" if st.reason else "queued"
+                if old is None:
+                    ins = _insert(conn, f).values(
+                        path=st.path, root=st.root, size=st.size, mtime_ns=st.mtime_ns, inode=st.inode, state=state,
+                        attempts=0, reason=st.reason, error=st.error, first_seen=now, last_seen=now, updated=now,
+                    ).on_conflict_do_nothing(index_elements=["path"])
+                    if conn.execute(ins).rowcount:
+                        counts.new += 1
+                        if st.reason:
+                            self._event(conn, "file_failed", {"path": st.path, "reason": st.reason})
+                    continue
+                same = (old.size, old.mtime_ns) == (st.size, st.mtime_ns) and (st.inode is None or old.inode in (None, st.inode))
+                if same and old.state != "gone":
+                    counts.unchanged += 1
+                    continue
+                counts.changed += old.state != "gone"
+                counts.revived += old.state == "gone"
+                conn.execute(update(f).where(f.c.path == st.path).values(
+                    root=st.root, size=st.size, mtime_ns=st.mtime_ns, inode=st.inode, state=state, attempts=0,
+                    reason=st.reason, error=st.error, lease_owner=None, lease_expires=None, last_seen=now, updated=now,
+                    image_id=None if not same else f.c.image_id,
+                ))
+                self._event(conn, "file_changed" if old.state != "gone" else "file_back", {"path": st.path})
+
+    def mark_gone(self, paths: Iterable[str]) -> int:
+        """Mark deleted paths gone (results kept). Returns how many rows changed."""
+        paths = list(paths)
+        if not paths:
+            return 0
+        f = s.files
+        with self.engine.begin() as conn:
+            n = conn.execute(update(f).where(f.c.path.in_(paths), f.c.state != "gone").values(
+                state="gone", lease_owner=None, lease_expires=None, updated=time.time()
+            )).rowcount
+            if n:
+                self._event(conn, "files_gone", {"count": n, "paths": paths[:20]})
+        return n
+
+    def move(self, old: str, new: str, root: str) -> bool:
+        """A rename: the row follows the file, so it is not analysed again. False when the old
+        path is unknown or the new one is already recorded (then discovery handles it)."""
+        f = s.files
+        with self.engine.begin() as conn:
+            if conn.execute(select(f.c.id).where(f.c.path == new)).first():
+                return False
+            n = conn.execute(update(f).where(f.c.path == old).values(path=new, root=root, updated=time.time())).rowcount
+            if n:
+                self._event(conn, "file_moved", {"from": old, "to": new})
+        return bool(n)
+
+    # -- the queue ---------------------------------------------------------------------------
+
+    def claim(self, n: int, lease_seconds: float, *, prefixes: Sequence[str] | None = None) -> list[Claim]:
+        """Take up to ``n`` queued files (or files whose lease expired) under a lease."""
+        f = s.files
+        now = time.time()
+        with self.engine.begin() as conn:
+            cond = or_(f.c.state == "queued", and_(f.c.state == "working", f.c.lease_expires < now))
+            if prefixes:
+                cond = and_(cond, or_(*[f.c.path.startswith(p, autoescape=True) for p in prefixes]))
+            q = select(f.c.id).where(cond).order_by(f.c.id).limit(n)
+            if conn.dialect.name == "postgresql":
+                q = q.with_for_update(skip_locked=True)
+            ids = [r[0] for r in conn.execute(q)]
+            if not ids:
+                return []
+            rows = conn.execute(
+                update(f).where(f.c.id.in_(ids)).values(
+                    state="working", lease_owner=self.host, lease_expires=now + lease_seconds,
+                    attempts=f.c.attempts + 1, updated=now,
+                ).returning(f.c.id, f.c.path, f.c.attempts)
+            ).all()
+        return sorted((Claim(r.id, r.path, r.attempts) for r in rows), key=lambda c: c.id)
+
+    def renew(self, ids: Sequence[int], lease_seconds: float) -> None:
+        f = s.files
+        if ids:
+            with self.engine.begin() as conn:
+                conn.execute(update(f).where(f.c.id.in_(list(ids)), f.c.lease_owner == self.host, f.c.state == "working")
+                             .values(lease_expires=time.time() + lease_seconds))
+
+    def release(self, ids: Sequence[int]) -> None:
+        """Give claimed files back to the queue (drain on shutdown); the attempt is not counted."""
+        f = s.files
+        if ids:
+            with self.engine.begin() as conn:
+                conn.execute(update(f).where(f.c.id.in_(list(ids)), f.c.lease_owner == self.host, f.c.state == "working")
+                             .values(state="queued", lease_owner=None, lease_expires=None, attempts=f.c.attempts - 1))
+
+    def requeue_for_bundle(self, bundle_key: str, prefixes: Sequence[str] | None = None) -> int:
+        """Queue again the done files whose content has no analysis under ``bundle_key`` (new
+        models or parameters); earlier analyses are kept."""
+        f, a = s.files, s.analyses
+        has = select(a.c.id).where(a.c.image_id == f.c.image_id, a.c.bundle == bundle_key).exists()
+        cond = and_(f.c.state == "done", ~has)
+        if prefixes:
+            cond = and_(cond, or_(*[f.c.path.startswith(p, autoescape=True) for p in prefixes]))
+        with self.engine.begin() as conn:
+            n = conn.execute(update(f).where(cond).values(state="queued", attempts=0, updated=time.time())).rowcount
+            if n:
+                self._event(conn, "requeued_for_bundle", {"bundle": bundle_key, "count": n})
+        return n
+
+    def pending(self, prefixes: Sequence[str] | None = None) -> int:
+        f = s.files
+        cond = f.c.state.in_(("queued", "working"))
+        if prefixes:
+            cond = and_(cond, or_(*[f.c.path.startswith(p, autoescape=True) for p in prefixes]))
+        with self.engine.connect() as conn:
+            return conn.execute(select(func.count()).select_from(f).where(cond)).scalar_one()
+
+    # -- results -----------------------------------------------------------------------------
+
+    def ensure_bundle(self, key: str, spec: dict) -> None:
+        with self.engine.begin() as conn:
+            conn.execute(_insert(conn, s.bundles).values(key=key, spec=json.dumps(spec, sort_keys=True), created=time.time())
+                         .on_conflict_do_nothing(index_elements=["key"]))
+
+    def _held(self, conn: Connection, file_id: int) -> bool:
+        f = s.files
+        row = conn.execute(select(f.c.state, f.c.lease_owner).where(f.c.id == file_id)).first()
+        return row is not None and row.state == "working" and row.lease_owner == self.host
+
+    def _image_id(self, conn: Connection, sha256: str, md5: str, size: int, info: dict | None) -> int:
+        vals = {"sha256": sha256, "md5": md5, "size": size, "first_seen": time.time(), **(info or {})}
+        conn.execute(_insert(conn, s.images).values(**vals).on_conflict_do_nothing(index_elements=["sha256"]))
+        if info:  # fill in decode facts for a row first created by a failed or linked file
+            conn.execute(update(s.images).where(s.images.c.sha256 == sha256, s.images.c.width.is_(None)).values(**info))
+        return conn.execute(select(s.images.c.id).where(s.images.c.sha256 == sha256)).scalar_one()
+
+    def record_analysis(self, file_id: int, result, bundle_key: str) -> bool:  # noqa: ANN001
+        """Store an analysed file (``ImageResult``); False when the lease was lost (nothing
+        written). A second analysis of the same content and bundle is not stored again."""
+        with self.engine.begin() as conn:
+            if not self._held(conn, file_id):
+                log.warning("lease on file %d lost; result dropped", file_id)
+                return False
+            info = {"format": result.format, "width": result.width, "height": result.height,
+                    "orientation": result.orientation, "frames": result.frames, "notes": "; ".join(result.notes) or None}
+            image_id = self._image_id(conn, result.sha256, result.md5, result.size, info)
+            ins = _insert(conn, s.analyses).values(
+                image_id=image_id, bundle=bundle_key, faces=len(result.faces),
+                seconds=sum(result.seconds.values()), host=self.host, created=time.time(),
+            ).on_conflict_do_nothing(index_elements=["image_id", "bundle"])
+            if conn.execute(ins).rowcount:
+                aid = conn.execute(select(s.analyses.c.id).where(s.analyses.c.image_id == image_id, s.analyses.c.bundle == bundle_key)).scalar_one()
+                if result.faces:
+                    conn.execute(s.faces.insert(), [_face_row(aid, i, fc) for i, fc in enumerate(result.faces)])
+            self._finish(conn, file_id, "done", image_id=image_id, size=result.size, mtime_ns=result.mtime_ns)
+        return True
+
+    def record_link(self, file_id: int, sha256: str, md5: str, size: int, mtime_ns: int) -> bool:
+        """A file whose content is already analysed under the current bundle."""
+        with self.engine.begin() as conn:
+            if not self._held(conn, file_id):
+                return False
+            image_id = self._image_id(conn, sha256, md5, size, None)
+            self._finish(conn, file_id, "done", image_id=image_id, size=size, mtime_ns=mtime_ns)
+        return True
+
+    def record_failure(self, file_id: int, reason: str, error: str, *, sha256: str | None = None,
+                       md5: str | None = None, size: int | None = None, max_attempts: int | None = None) -> str | None:
+        """A file that could not be analysed. Bad input -> ``failed``. A crash or hang
+        (``max_attempts`` given) -> back to ``queued`` until the attempts are used up, then
+        ``quarantined``. Returns the new state, or None when the lease was lost."""
+        f = s.files
+        with self.engine.begin() as conn:
+            if not self._held(conn, file_id):
+                return None
+            image_id = self._image_id(conn, sha256, md5 or "", size or 0, None) if sha256 else None
+            state = "failed"
+            if max_attempts is not None:
+                attempts = conn.execute(select(f.c.attempts).where(f.c.id == file_id)).scalar_one()
+                state = "quarantined" if attempts >= max_attempts else "queued"
+            self._finish(conn, file_id, state, image_id=image_id, reason=reason, error=error[:2000])
+            self._event(conn, "file_" + state, {"file_id": file_id, "reason": reason, "error": error[:500]}, file_id)
+        return state
+
+    def _finish(self, conn: Connection, file_id: int, state: str, **values) -> None:  # noqa: ANN003
+        f = s.files
+        if state in ("done",):
+            values.setdefault("reason", None)
+            values.setdefault("error", None)
+        values = {k: v for k, v in values.items() if v is not None or k in ("reason", "error")}
+        conn.execute(update(f).where(f.c.id == file_id).values(state=state, lease_owner=None, lease_expires=None, updated=time.time(), **values))
+
+    # -- events ------------------------------------------------------------------------------
+
+    def event(self, kind: str, detail: dict | None = None, file_id: int | None = None) -> None:
+        with self.engine.begin() as conn:
+            self._event(conn, kind, detail, file_id)
+
+    def _event(self, conn: Connection, kind: str, detail: dict | None, file_id: int | None = None) -> None:
+        conn.execute(s.events.insert().values(at=time.time(), kind=kind, host=self.host, file_id=file_id,
+                                              detail=json.dumps(detail, default=str) if detail else None))
+
+
+def _face_row(analysis_id: int, idx: int, fc) -> dict:  # noqa: ANN001
+    x1, y1, x2, y2 = fc.box
+    return {
+        "analysis_id": analysis_id, "idx": idx, "x1": x1, "y1": y1, "x2": x2, "y2": y2, "score": fc.score,
+        "landmarks": json.dumps([[round(x, 2), round(y, 2)] for x, y in fc.landmarks]), "width_px": fc.width_px,
+        "p_male": fc.p_male, "p_female": fc.p_female, "gender": fc.gender, "age": fc.age, "age_std": fc.age_std,
+    }
+
+
+def analysed(conn: Connection, sha256: str, bundle_key: str) -> bool:
+    """Whether this content already has an analysis under this bundle (workers ask this)."""
+    q = select(s.analyses.c.id).join(s.images, s.images.c.id == s.analyses.c.image_id).where(
+        s.images.c.sha256 == sha256, s.analyses.c.bundle == bundle_key)
+    return conn.execute(q).first() is not None

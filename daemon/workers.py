@@ -1,0 +1,230 @@
+"""A pool of inference worker processes, one file at a time each, with crash and hang isolation.
+
+Each worker loads the pipeline once, then takes ``Task``s over its own pipe and answers with an
+outcome. Workers never write to the database (one writer: the parent); they may read it to skip
+content already analysed under the current model bundle. A worker that dies (segfault, abort,
+OOM kill) or exceeds ``file_timeout`` on a file is replaced, and the file comes back as
+:class:`Crashed` so the writer can retry it a bounded number of times and then quarantine it.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing as mp
+import os
+import time
+import traceback
+from dataclasses import dataclass
+from multiprocessing.connection import Connection, wait
+
+from daemon.config import PipelineConfig
+from daemon.pipeline import images
+from daemon.pipeline.analyze import ImageResult
+
+log = logging.getLogger(__name__)
+
+# Test-only hook: a worker aborts (as a crashing decoder would) on any path containing this
+# marker. Only read from the environment of the worker process; unset in production.
+ABORT_MARKER_ENV = "FORENSIC_GENDER_TEST_ABORT_MARKER"
+
+
+@dataclass(frozen=True)
+class Task:
+    file_id: int
+    path: str
+
+
+@dataclass(frozen=True)
+class Analysed:
+    file_id: int
+    result: ImageResult
+
+
+@dataclass(frozen=True)
+class Linked:
+    file_id: int
+    sha256: str
+    md5: str
+    size: int
+    mtime_ns: int
+
+
+@dataclass(frozen=True)
+class Failed:
+    file_id: int
+    reason: str
+    error: str
+    sha256: str | None = None
+    md5: str | None = None
+    size: int | None = None
+
+
+@dataclass(frozen=True)
+class Crashed:
+    file_id: int
+    reason: str  # worker_crashed | worker_timeout
+    error: str
+
+
+Outcome = Analysed | Linked | Failed | Crashed
+
+
+class WorkerStartError(Exception):
+    """A worker could not load the pipeline (models missing, wrong file...)."""
+
+
+def _worker_main(conn: Connection, cfg: PipelineConfig, db_url: str | None, threads: int) -> None:
+    """Entry point of a worker process."""
+    from daemon.pipeline.analyze import load_pipeline
+    from daemon.store.engine import open_engine
+    from daemon.store.writer import analysed
+
+    marker = os.environ.get(ABORT_MARKER_ENV)
+    try:
+        pipeline = load_pipeline(cfg, threads=threads)
+        engine = open_engine(db_url, readonly=True) if db_url else None
+    except Exception as err:  # reported to the parent, which fails start-up with the message
+        conn.send(("error", f"{type(err).__name__}: {err}"))
+        return
+    conn.send(("ready", pipeline.bundle_key, pipeline.bundle))
+    while True:
+        try:
+            task = conn.recv()
+        except EOFError:
+            return
+        if task is None:
+            return
+        if marker and marker in task.path:
+            os.abort()
+        conn.send(_process(pipeline, engine, task))
+
+
+def _process(pipeline, engine, task: Task) -> Outcome:  # noqa: ANN001
+    from daemon.pipeline.sessions import ModelOutputError
+    from daemon.store.writer import analysed
+
+    try:
+        fb = images.read_file(task.path, max_bytes=pipeline.cfg.limits.max_file_bytes)
+    except images.ImageError as err:
+        return Failed(task.file_id, err.reason, str(err))
+    hashes = {"sha256": fb.sha256, "md5": fb.md5, "size": fb.size}
+    try:
+        if engine is not None:
+            with engine.connect() as conn:
+                if analysed(conn, fb.sha256, pipeline.bundle_key):
+                    return Linked(task.file_id, fb.sha256, fb.md5, fb.size, fb.mtime_ns)
+        return Analysed(task.file_id, pipeline.analyze_bytes(fb, task.path))
+    except images.ImageError as err:
+        return Failed(task.file_id, err.reason, str(err), **hashes)
+    except ModelOutputError as err:
+        return Failed(task.file_id, "model_output", str(err), **hashes)
+    except MemoryError:
+        return Failed(task.file_id, "out_of_memory", "decoding or analysing the image ran out of memory", **hashes)
+    except Exception as err:  # a bug: keep going, but record it loudly
+        log.error("internal error on %s:\n%s", task.path, traceback.format_exc())
+        return Failed(task.file_id, "internal_error", f"{type(err).__name__}: {err}", **hashes)
+
+
+class _Worker:
+    def __init__(self, ctx, cfg: PipelineConfig, db_url: str | None, threads: int) -> None:  # noqa: ANN001
+        self.conn, child = ctx.Pipe()
+        self.proc = ctx.Process(target=_worker_main, args=(child, cfg, db_url, threads), daemon=True)
+        self.proc.start()
+        child.close()
+        self.task: Task | None = None
+        self.since = 0.0
+
+
+class WorkerPool:
+    """``n`` worker processes. Use from one thread: ``submit`` when ``free()``, then ``poll``."""
+
+    def __init__(self, n: int, cfg: PipelineConfig, *, db_url: str | None, file_timeout: float = 120.0,
+                 threads: int = 1, start_timeout: float = 300.0) -> None:
+        self.n, self.cfg, self.db_url, self.file_timeout, self.threads = n, cfg, db_url, file_timeout, threads
+        self.start_timeout = start_timeout
+        self._ctx = mp.get_context("spawn")
+        self._workers: list[_Worker] = []
+        self.bundle_key = ""
+        self.bundle: dict = {}
+        self.restarts = 0
+
+    def start(self) -> None:
+        """Start every worker and wait until each has loaded its models."""
+        self._workers = [self._spawn() for _ in range(self.n)]
+        for w in self._workers:
+            self._await_ready(w)
+
+    def _spawn(self) -> _Worker:
+        return _Worker(self._ctx, self.cfg, self.db_url, self.threads)
+
+    def _await_ready(self, w: _Worker) -> None:
+        if not w.conn.poll(self.start_timeout):
+            raise WorkerStartError(f"a worker did not load its models within {self.start_timeout:.0f} s")
+        try:
+            msg = w.conn.recv()
+        except EOFError as err:
+            raise WorkerStartError(f"a worker died while loading its models (exit code {w.proc.exitcode})") from err
+        if msg[0] == "error":
+            raise WorkerStartError(msg[1])
+        self.bundle_key, self.bundle = msg[1], msg[2]
+
+    def free(self) -> int:
+        return sum(w.task is None for w in self._workers)
+
+    def busy(self) -> list[Task]:
+        return [w.task for w in self._workers if w.task is not None]
+
+    def submit(self, task: Task) -> None:
+        w = next(w for w in self._workers if w.task is None)
+        w.task, w.since = task, time.monotonic()
+        w.conn.send(task)
+
+    def poll(self, timeout: float) -> list[Outcome]:
+        """Wait up to ``timeout`` s for outcomes; replaces dead or hung workers."""
+        active = [w for w in self._workers if w.task is not None]
+        out: list[Outcome] = []
+        if not active:
+            if timeout > 0:
+                time.sleep(min(timeout, 0.05))
+            return out
+        ready = wait([w.conn for w in active] + [w.proc.sentinel for w in active], timeout)
+        now = time.monotonic()
+        for i, w in enumerate(self._workers):
+            if w.task is None:
+                continue
+            if w.conn in ready:
+                try:
+                    out.append(w.conn.recv())
+                    w.task = None
+                    continue
+                except (EOFError, OSError):
+                    pass
+            dead = w.proc.sentinel in ready or not w.proc.is_alive()
+            hung = now - w.since > self.file_timeout
+            if dead or hung:
+                if hung and not dead:
+                    w.proc.kill()
+                w.proc.join(5)
+                reason = "worker_timeout" if hung and not dead else "worker_crashed"
+                detail = (f"analysis took longer than {self.file_timeout:.0f} s; the worker was killed" if reason == "worker_timeout"
+                          else f"the worker process died (exit code {w.proc.exitcode}) while analysing this file")
+                log.error("%s: %s", w.task.path, detail)
+                out.append(Crashed(w.task.file_id, reason, detail))
+                self._workers[i] = self._spawn()
+                self._await_ready(self._workers[i])
+                self.restarts += 1
+        return out
+
+    def close(self) -> None:
+        """Stop the workers (after their current file)."""
+        for w in self._workers:
+            try:
+                w.conn.send(None)
+            except (OSError, BrokenPipeError):
+                pass
+        for w in self._workers:
+            w.proc.join(10)
+            if w.proc.is_alive():
+                w.proc.kill()
+                w.proc.join(5)
+        self._workers = []
