@@ -1,0 +1,39 @@
+# The two commands a newcomer needs: `make run` and `make test`. Both set everything up first.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+FG     := $(BIN)/forensic-gender
+STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | sha256sum | cut -c1-12)
+DEMO   ?= var/demo-evidence
+DEV    ?= ../shared/data/dev
+
+.PHONY: setup models run test eval bench train clean
+
+setup: $(STAMP) models
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[test,postgres,report,web]'
+	rm -f $(VENV)/.installed-* && touch $@
+
+models: $(STAMP)
+	$(FG) models fetch
+
+run: setup
+	@mkdir -p $(DEMO) var
+	@echo "Drop images (or folders of images) into $(CURDIR)/$(DEMO)."
+	@echo "Query the results with: $(FG) faces --db sqlite:///var/forensic-gender.db   (Ctrl-C stops the service)"
+	$(FG) run --watch $(DEMO) --db sqlite:///var/forensic-gender.db
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+eval: setup
+	$(FG) evaluate $(DEV)/lfw $(DEV)/utkface $(DEV)/wider --out reports/eval
+
+bench: setup
+	$(BIN)/python benchmarks/bench.py
+
+clean:
+	rm -rf $(VENV) var reports build *.egg-info

