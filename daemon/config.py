@@ -35,7 +35,7 @@ class DetectorConfig:
     threshold: float = 0.35
     nms_iou: float = 0.3
     max_side: int = 1280
-    tile_side: int | None = 1280
+    tile_side: int | None = None
     min_face_px: float = 0.0
 
 
@@ -81,7 +81,7 @@ class PipelineConfig:
 
 @dataclass(frozen=True)
 class RootConfig:
-    path: str
+    path: str = ""
     recursive: bool = True
     include: tuple[str, ...] = ("*",)
     exclude: tuple[str, ...] = ()
@@ -215,7 +215,8 @@ def _check(cfg: Config, problems: list[str], check_paths: bool) -> None:
             continue
         where = f"watch.roots[{i}]"
         need(r.poll_interval > 0, f"{where}.poll_interval", f"must be positive seconds, got {r.poll_interval}")
-        if check_paths:
+        need(bool(r.path), f"{where}.path", "is required: the folder to watch")
+        if check_paths and r.path:
             need(Path(r.path).is_dir(), f"{where}.path", f"must be an existing directory, got {r.path!r}")
 
 
@@ -224,7 +225,7 @@ def parse(data: Any, *, source: str = "configuration", check_paths: bool = True,
     Relative paths (roots, models dir, sqlite files) are resolved against ``base``."""
     problems: list[str] = []
     cfg = _build(Config, data, "", problems)
-    if cfg is not None and not problems:
+    if cfg is not None:
         cfg = _resolve(cfg, base or Path.cwd())
         _check(cfg, problems, check_paths)
     if problems:

@@ -41,6 +41,14 @@ class Claim:
     attempts: int
 
 
+@dataclass(frozen=True)
+class _Row:
+    size: int
+    mtime_ns: int
+    inode: int | None
+    state: str
+
+
 @dataclass
 class UpsertCounts:
     new: int = 0
@@ -89,11 +97,14 @@ class Store:
                     ins = _insert(conn, f).values(
                         path=st.path, root=st.root, size=st.size, mtime_ns=st.mtime_ns, inode=st.inode, state=state,
                         attempts=0, reason=st.reason, error=st.error, first_seen=now, last_seen=now, updated=now,
-                    ).on_conflict_do_nothing(index_elements=["path"])
-                    if conn.execute(ins).rowcount:
+                    ).on_conflict_do_nothing(index_elements=["path"]).returning(f.c.id)
+                    if conn.execute(ins).first() is not None:
                         counts.new += 1
                         if st.reason:
                             self._event(conn, "file_failed", {"path": st.path, "reason": st.reason})
+                    else:
+                        counts.unchanged += 1
+                    rows[st.path] = _Row(st.size, st.mtime_ns, st.inode, state)
                     continue
                 same = (old.size, old.mtime_ns) == (st.size, st.mtime_ns) and (st.inode is None or old.inode in (None, st.inode))
                 if same and old.state != "gone":
@@ -227,9 +238,10 @@ class Store:
             ins = _insert(conn, s.analyses).values(
                 image_id=image_id, bundle=bundle_key, faces=len(result.faces),
                 seconds=sum(result.seconds.values()), host=self.host, created=time.time(),
-            ).on_conflict_do_nothing(index_elements=["image_id", "bundle"])
-            if conn.execute(ins).rowcount:
-                aid = conn.execute(select(s.analyses.c.id).where(s.analyses.c.image_id == image_id, s.analyses.c.bundle == bundle_key)).scalar_one()
+            ).on_conflict_do_nothing(index_elements=["image_id", "bundle"]).returning(s.analyses.c.id)
+            row = conn.execute(ins).first()
+            if row is not None:
+                aid = row[0]
                 if result.faces:
                     conn.execute(s.faces.insert(), [_face_row(aid, i, fc) for i, fc in enumerate(result.faces)])
             self._finish(conn, file_id, "done", image_id=image_id, size=result.size, mtime_ns=result.mtime_ns)
