@@ -30,7 +30,7 @@ test: setup
 	$(BIN)/python -m pytest -q
 
 eval: setup
-	$(FG) evaluate $(DEV)/lfw $(DEV)/utkface $(DEV)/wider --out reports/eval
+	$(FG) evaluate $(DEV)/lfw $(DEV)/utkface $(DEV)/wider --out reports/eval --skip-missing
 
 bench: setup
 	$(BIN)/python benchmarks/bench.py

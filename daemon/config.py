@@ -50,7 +50,7 @@ class GenderConfig:
     kind: str = "dlib-chip"
     threshold: float = 0.5
     uncertain_margin: float = 0.1
-    flip_tta: bool = False
+    flip_tta: bool = True
 
 
 @dataclass(frozen=True)
