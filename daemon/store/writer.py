@@ -293,6 +293,58 @@ class Store:
                                               detail=json.dumps(detail, default=str) if detail else None))
 
 
+    # -- service support (daemon/service.py) ---------------------------------------------------
+
+    def recover_leases(self) -> int:
+        """At start-up: give back to the queue the files this host had claimed when it last
+        stopped without releasing them (killed, crashed, power loss). The attempt is not counted
+        (the file did not cause it; a file that crashes its worker is counted by the pool)."""
+        f = s.files
+        with self.engine.begin() as conn:
+            n = conn.execute(update(f).where(f.c.state == "working", f.c.lease_owner == self.host).values(
+                state="queued", lease_owner=None, lease_expires=None,
+                attempts=func.max(f.c.attempts - 1, 0) if conn.dialect.name == "sqlite" else func.greatest(f.c.attempts - 1, 0),
+                updated=time.time(),
+            )).rowcount
+            if n:
+                self._event(conn, "leases_recovered", {"count": n})
+        return n
+
+    def mark_gone_under(self, prefix: str) -> int:
+        """Mark every live file whose path starts with ``prefix`` (a folder path ending with a
+        separator) gone: the folder was deleted or moved out of the watched roots."""
+        f = s.files
+        with self.engine.begin() as conn:
+            n = conn.execute(update(f).where(_under(prefix), f.c.state != "gone").values(
+                state="gone", lease_owner=None, lease_expires=None, updated=time.time()
+            )).rowcount
+            if n:
+                self._event(conn, "files_gone", {"count": n, "under": prefix})
+        return n
+
+    def live_paths(self, prefix: str, after_id: int = 0, limit: int = 1000) -> list[tuple[int, str]]:
+        """``(id, path)`` of files not marked gone under ``prefix``, by id, after ``after_id``
+        (a rescan pages through these to notice deletions)."""
+        f = s.files
+        q = (select(f.c.id, f.c.path).where(_under(prefix), f.c.state != "gone", f.c.id > after_id)
+             .order_by(f.c.id).limit(limit))
+        with self.engine.connect() as conn:
+            return [(r.id, r.path) for r in conn.execute(q)]
+
+    def heartbeat(self, info: dict) -> None:
+        """Record that a service runs on this host (``meta`` key ``service:<host>``), for
+        ``forensic-gender status``."""
+        key = ("service:" + self.host)[:64]
+        value = json.dumps({**info, "host": self.host, "at": time.time()}, sort_keys=True, default=str)
+        with self.engine.begin() as conn:
+            if conn.execute(update(s.meta).where(s.meta.c.key == key).values(value=value)).rowcount == 0:
+                conn.execute(_insert(conn, s.meta).values(key=key, value=value).on_conflict_do_nothing(index_elements=["key"]))
+
+    def clear_heartbeat(self) -> None:
+        with self.engine.begin() as conn:
+            conn.execute(s.meta.delete().where(s.meta.c.key == ("service:" + self.host)[:64]))
+
+
 def _face_row(analysis_id: int, idx: int, fc) -> dict:  # noqa: ANN001
     x1, y1, x2, y2 = fc.box
     return {
@@ -307,3 +359,38 @@ def analysed(conn: Connection, sha256: str, bundle_key: str) -> bool:
     q = select(s.analyses.c.id).join(s.images, s.images.c.id == s.analyses.c.image_id).where(
         s.images.c.sha256 == sha256, s.analyses.c.bundle == bundle_key)
     return conn.execute(q).first() is not None
+
+
+def _under(prefix: str):  # noqa: ANN202
+    """Paths starting with ``prefix``, case-sensitively (SQLite's LIKE ignores ASCII case)."""
+    f = s.files
+    return and_(f.c.path.startswith(prefix, autoescape=True), func.substr(f.c.path, 1, len(prefix)) == prefix)
+
+
+def status_summary(engine: Engine, *, now: float | None = None, window: float = 300.0) -> dict:
+    """What ``forensic-gender status`` shows: files by state (overall and per root), failures by
+    reason, files finished in the last minute and the last ``window`` seconds, and the services'
+    heartbeats. Read-only."""
+    f = s.files
+    now = time.time() if now is None else now
+    with engine.connect() as conn:
+        by_root: dict[str, dict[str, int]] = {}
+        totals = {st: 0 for st in s.FILE_STATES}
+        for root, state, n in conn.execute(select(f.c.root, f.c.state, func.count()).group_by(f.c.root, f.c.state)):
+            by_root.setdefault(root, {st: 0 for st in s.FILE_STATES})[state] = n
+            totals[state] = totals.get(state, 0) + n
+        failures: dict[str, dict[str, int]] = {}
+        for state, reason, n in conn.execute(select(f.c.state, f.c.reason, func.count())
+                                             .where(f.c.state.in_(("failed", "quarantined"))).group_by(f.c.state, f.c.reason)):
+            failures.setdefault(reason or "unknown", {})[state] = n
+        finished = f.c.state.in_(("done", "failed", "quarantined"))
+        last_min = conn.execute(select(func.count()).select_from(f).where(finished, f.c.updated >= now - 60)).scalar_one()
+        last_win = conn.execute(select(func.count()).select_from(f).where(finished, f.c.updated >= now - window)).scalar_one()
+        beats = []
+        for key, value in conn.execute(select(s.meta.c.key, s.meta.c.value).where(s.meta.c.key.startswith("service:"))):
+            try:
+                beats.append(json.loads(value))
+            except ValueError:
+                beats.append({"host": key[len("service:"):], "at": None})
+    return {"totals": totals, "by_root": by_root, "failures": failures, "finished_last_minute": last_min,
+            "finished_last_window": last_win, "window": window, "heartbeats": beats}
