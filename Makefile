@@ -35,5 +35,9 @@ eval: setup
 bench: setup
 	$(BIN)/python benchmarks/bench.py
 
+train: setup
+	$(BIN)/python -m pip install --quiet -e '.[train]'
+	$(BIN)/python -m training.train
+
 clean:
 	rm -rf $(VENV) var reports build *.egg-info

@@ -46,8 +46,8 @@ class GenderConfig:
     project's 150x150 sigmoid model). Labels: male when p >= threshold + uncertain_margin,
     female when p <= threshold - uncertain_margin, uncertain in between."""
 
-    model: str = "gender-v1"
-    kind: str = "dlib-chip"
+    model: str = "gender-wild-v1"
+    kind: str = "project-chip"
     threshold: float = 0.5
     uncertain_margin: float = 0.1
     flip_tta: bool = True
