@@ -75,8 +75,14 @@ def _v1(conn: Connection) -> None:
     schema.metadata.create_all(conn)
 
 
+def _v2_reviews(conn: Connection) -> None:
+    from daemon.store.reviews import migrate_v2
+
+    migrate_v2(conn)
+
+
 # Each migration runs in its own transaction; index i brings the schema to version i + 1.
-MIGRATIONS: list[Callable[[Connection], None]] = [_v1]
+MIGRATIONS: list[Callable[[Connection], None]] = [_v1, _v2_reviews]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 

@@ -1,0 +1,437 @@
+"""The one filter model shared by every query command, the exports and the review page.
+
+Filters arrive as strings (command-line options or the page's query string) and are parsed by one
+function, :func:`parse`, into a frozen :class:`Filters`; :meth:`Filters.to_params` turns them back
+into the same strings (links on the page, the ``query`` echoed in JSON exports). Every problem is
+reported at once, with the option it concerns.
+
+Rules (documented here once; docs/ANALYST.md repeats them for analysts)
+
+``gender`` / ``uncertain`` - the decision is **re-cut at query time** from the stored p(male) with
+    ``threshold`` t and ``margin`` m (defaults: the configuration's ``pipeline.gender`` values):
+    male when p >= t + m, female when p <= t - m, uncertain in between (with m = 0: male when
+    p >= t, else female) - exactly :func:`daemon.pipeline.classify.decide`. The label stored at
+    analysis time is kept as ``model_gender``; changing t or m never needs the models again.
+``final_gender`` - the analyst's label where a review confirmed or corrected the face (female,
+    male or not_face), otherwise the query-time decision.
+``minors`` - ``likely``: age + k * age_std < 18 (even the upper end of the estimate's spread is
+    under 18: few false alarms); ``possible``: age - k * age_std < 18 (the lower end is under 18:
+    few misses). k is ``minor_k`` (default 1, i.e. one standard deviation of the age model's
+    output distribution). Faces without an age estimate never match.
+``path_prefix`` - the recorded absolute path starts with the text (exact, case-sensitive).
+``path_glob`` - the whole absolute path matches a shell-style pattern: ``*`` any run of characters
+    *including* ``/``, ``?`` one character, ``[abc]``/``[!abc]`` a class. Case-sensitive.
+``root``, ``seen_since``/``seen_until``, ``status``, ``reason`` - about the files (paths) of an
+    image: an image (and its faces) matches when at least one of its paths matches them all, and
+    the path shown is the first matching one. ``seen`` is when the path was first discovered.
+    Dates: ``2024-05-01``, ``2024-05-01T13:30``, ``...Z`` or ``...+02:00`` (naive = local time),
+    seconds since the epoch, or relative ``90m``, ``36h``, ``7d`` (that long before now).
+``sha256`` - full hash or a prefix of at least 6 hex digits.
+``bundle`` - ``latest`` (default: each image's most recent analysis), ``all`` (every analysis),
+    or a bundle key (or a prefix of one).
+``review`` - ``reviewed``, ``unreviewed``, ``confirmed``, ``corrected`` or ``ignored``.
+Several values of one option are alternatives (OR); different options must all hold (AND).
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, fields, replace
+from datetime import datetime
+
+from daemon.store.schema import FILE_STATES
+
+GENDERS = ("female", "male", "uncertain")
+FINAL_GENDERS = ("female", "male", "uncertain", "not_face")
+REVIEW_STATES = ("reviewed", "unreviewed", "confirmed", "corrected", "ignored")
+MINOR_RULES = ("likely", "possible")
+FACE_SORTS = ("path", "sha256", "p_male", "age", "width", "score", "seen", "id")
+IMAGE_SORTS = ("path", "sha256", "size", "seen", "faces")
+ADULT_AGE = 18.0
+
+
+class FilterError(ValueError):
+    """Bad filter values; ``problems`` lists each as ``--option: message``."""
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = problems
+        super().__init__("; ".join(problems))
+
+
+@dataclass(frozen=True)
+class Cut:
+    """The gender decision applied at query time (see the module docstring)."""
+
+    threshold: float = 0.5
+    margin: float = 0.1
+
+
+@dataclass(frozen=True)
+class Filters:
+    gender: tuple[str, ...] = ()
+    final_gender: tuple[str, ...] = ()
+    p_male_min: float | None = None
+    p_male_max: float | None = None
+    uncertain: bool = False
+    threshold: float | None = None
+    margin: float | None = None
+    age_min: float | None = None
+    age_max: float | None = None
+    minors: str | None = None
+    minor_k: float = 1.0
+    width_min: float | None = None
+    width_max: float | None = None
+    score_min: float | None = None
+    path_prefix: tuple[str, ...] = ()
+    path_glob: tuple[str, ...] = ()
+    root: tuple[str, ...] = ()
+    seen_since: float | None = None
+    seen_until: float | None = None
+    sha256: tuple[str, ...] = ()
+    bundle: str = "latest"
+    status: tuple[str, ...] = ()
+    reason: tuple[str, ...] = ()
+    review: tuple[str, ...] = ()
+    sort: str = "path"
+    limit: int | None = None
+    offset: int = 0
+    # the raw text of relative dates, so links and echoes keep "7d" rather than a timestamp
+    raw: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)
+
+    def cut(self, default: Cut = Cut()) -> Cut:
+        return Cut(default.threshold if self.threshold is None else self.threshold,
+                   default.margin if self.margin is None else self.margin)
+
+    @property
+    def face_level(self) -> bool:
+        """Whether any filter is about faces (the images command then keeps only images that
+        have at least one matching face)."""
+        return any((self.gender, self.final_gender, self.p_male_min is not None, self.p_male_max is not None,
+                    self.uncertain, self.age_min is not None, self.age_max is not None, self.minors,
+                    self.width_min is not None, self.width_max is not None, self.score_min is not None, self.review))
+
+    @property
+    def file_level(self) -> bool:
+        return any((self.path_prefix, self.path_glob, self.root, self.seen_since is not None,
+                    self.seen_until is not None, self.status, self.reason))
+
+    def to_params(self, *, paging: bool = True) -> list[tuple[str, str]]:
+        """The non-default filters as (name, text) pairs: :func:`parse` gives them back."""
+        out: list[tuple[str, str]] = []
+        default = Filters()
+        for f in fields(self):
+            if f.name == "raw" or (not paging and f.name in ("limit", "offset")):
+                continue
+            v = getattr(self, f.name)
+            if v == getattr(default, f.name):
+                continue
+            if f.name in self.raw:
+                out.append((f.name, self.raw[f.name]))
+            elif isinstance(v, tuple):
+                out.extend((f.name, x) for x in v)
+            elif isinstance(v, bool):
+                out.append((f.name, "1"))
+            else:
+                out.append((f.name, _fmt(v)))
+        return out
+
+    def to_json(self) -> dict:
+        d: dict = {}
+        for k, v in self.to_params(paging=False):
+            if isinstance(getattr(Filters(), k), tuple):
+                d.setdefault(k, []).append(v)
+            else:
+                d[k] = v
+        return d
+
+    def page(self, limit: int | None, offset: int = 0) -> Filters:
+        return replace(self, limit=limit, offset=offset)
+
+
+def _fmt(v: object) -> str:
+    if isinstance(v, float):
+        return repr(v) if v != int(v) else str(int(v)) if abs(v) < 1e15 else repr(v)
+    return str(v)
+
+
+# --------------------------------------------------------------------------------------------
+# Parsing
+
+_MULTI = {"gender", "final_gender", "path_prefix", "path_glob", "root", "sha256", "status", "reason", "review"}
+_FLOATS = {"p_male_min", "p_male_max", "threshold", "margin", "age_min", "age_max", "minor_k", "width_min", "width_max", "score_min"}
+_DATES = {"seen_since", "seen_until"}
+_HEX = re.compile(r"^[0-9a-f]+$")
+_REL = re.compile(r"^(\d+(?:\.\d+)?)\s*([smhdw])$")
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off", ""}
+
+OPTION = {f.name: "--" + f.name.replace("_", "-") for f in fields(Filters) if f.name != "raw"}
+
+
+def parse_when(text: str, now: float | None = None) -> float:
+    """A point in time as seconds since the epoch (see the module docstring for the forms)."""
+    t = text.strip()
+    m = _REL.match(t.lower())
+    if m:
+        return (time.time() if now is None else now) - float(m.group(1)) * _UNITS[m.group(2)]
+    if re.fullmatch(r"\d{9,11}(\.\d+)?", t):
+        return float(t)
+    try:
+        dt = datetime.fromisoformat(t[:-1] + "+00:00" if t.endswith(("Z", "z")) else t)
+    except ValueError as err:
+        raise ValueError(f"must be a date such as 2024-05-01 or 2024-05-01T13:30Z, epoch seconds, or 36h / 7d ago, got {text!r}") from err
+    return dt.timestamp()  # naive -> local time
+
+
+def glob_to_regex(pattern: str) -> str:
+    """An anchored regular expression (valid for Python's re and PostgreSQL's ``~``) for a
+    shell-style pattern over a whole path: ``*`` any run (slashes included), ``?`` one
+    character, ``[...]`` / ``[!...]`` a class."""
+    out = ["^"]
+    i, n = 0, len(pattern)
+    while i < n:
+        c = pattern[i]
+        if c == "*":
+            out.append(".*")
+        elif c == "?":
+            out.append(".")
+        elif c == "[":
+            j = i + 1
+            if j < n and pattern[j] in "!^":
+                j += 1
+            if j < n and pattern[j] == "]":
+                j += 1
+            while j < n and pattern[j] != "]":
+                j += 1
+            if j >= n:  # no closing bracket: a literal "["
+                out.append(r"\[")
+            else:
+                body = pattern[i + 1:j]
+                neg = body[:1] in ("!", "^")
+                if neg:
+                    body = body[1:]
+                body = body.replace("\\", "\\\\").replace("[", "\\[")
+                if body.startswith("]"):
+                    body = "\\" + body
+                out.append("[" + ("^" if neg else "") + body + "]")
+                i = j
+        elif c in ".^$+{}()|\\]":
+            out.append("\\" + c)
+        else:
+            out.append(c)
+        i += 1
+    out.append("$")
+    return "".join(out)
+
+
+def parse(values: Mapping[str, Sequence[str] | str] | Iterable[tuple[str, str]], *, now: float | None = None) -> Filters:
+    """Filters from text values keyed by field name (``p_male_min``) or option (``--p-male-min``
+    / ``p-male-min``). Empty values are ignored (an empty form field). Raises
+    :class:`FilterError` listing every problem."""
+    items: list[tuple[str, str]] = []
+    if isinstance(values, Mapping):
+        for k, v in values.items():
+            items.extend((k, x) for x in ([v] if isinstance(v, str) or v is None else v) if x is not None)
+    else:
+        items = [(k, v) for k, v in values]
+    problems: list[str] = []
+    kw: dict = {}
+    raw: dict[str, str] = {}
+    known = set(OPTION)
+    for key, text in items:
+        name = key.lstrip("-").replace("-", "_")
+        if name not in known:
+            problems.append(f"{key}: unknown filter; known filters are {', '.join(OPTION.values())}")
+            continue
+        text = str(text).strip()
+        if text == "" and name != "uncertain":
+            continue
+        opt = OPTION[name]
+        try:
+            if name in _MULTI:
+                kw.setdefault(name, [])
+                for part in (p.strip() for p in (text.split(",") if name in ("gender", "final_gender", "status", "review") else [text])):
+                    if part:
+                        kw[name].append(_one(name, part))
+            elif name in _FLOATS:
+                kw[name] = _float(text)
+            elif name in _DATES:
+                kw[name] = parse_when(text, now)
+                if not re.fullmatch(r"[\d.]+", text):
+                    raw[name] = text
+            elif name == "uncertain":
+                low = text.lower()
+                if low not in _TRUE | _FALSE:
+                    raise ValueError(f"must be true or false, got {text!r}")
+                kw[name] = low in _TRUE
+            elif name == "minors":
+                low = text.lower()
+                if low in _TRUE:
+                    low = "likely"
+                if low not in MINOR_RULES:
+                    raise ValueError(f"must be one of {', '.join(MINOR_RULES)}, got {text!r}")
+                kw[name] = low
+            elif name == "bundle":
+                low = text.lower()
+                if low not in ("latest", "all") and not (_HEX.match(low) and 4 <= len(low) <= 32):
+                    raise ValueError(f"must be latest, all or a model bundle key (hex, at least 4 digits), got {text!r}")
+                kw[name] = low
+            elif name == "sort":
+                low = text.lower()
+                key_, _, way = low.lstrip("-").partition(":")
+                desc = low.startswith("-") or way == "desc"
+                if key_ not in FACE_SORTS + IMAGE_SORTS or way not in ("", "asc", "desc"):
+                    raise ValueError(f"must be one of {', '.join(sorted(set(FACE_SORTS + IMAGE_SORTS)))}, descending as "
+                                     f"KEY:desc or -KEY, got {text!r}")
+                kw[name] = ("-" if desc else "") + key_
+            elif name in ("limit", "offset"):
+                try:
+                    n = int(text)
+                except ValueError:
+                    raise ValueError(f"must be a whole number, got {text!r}") from None
+                if n < 0:
+                    raise ValueError(f"must be >= 0, got {n}")
+                kw[name] = (n or None) if name == "limit" else n
+        except ValueError as err:
+            problems.append(f"{opt}: {err}")
+    for name in _MULTI:
+        if name in kw:
+            kw[name] = tuple(dict.fromkeys(kw[name]))
+    f = Filters(**kw, raw=raw) if not problems else Filters()
+    if not problems:
+        problems.extend(check(f))
+    if problems:
+        raise FilterError(problems)
+    return f
+
+
+def _float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise ValueError(f"must be a number, got {text!r}") from None
+    if v != v or v in (float("inf"), float("-inf")):
+        raise ValueError(f"must be a finite number, got {text!r}")
+    return v
+
+
+def _one(name: str, text: str) -> str:
+    low = text.lower()
+    if name == "gender":
+        if low not in GENDERS:
+            raise ValueError(f"must be one of {', '.join(GENDERS)}, got {text!r}")
+        return low
+    if name == "final_gender":
+        low = low.replace("-", "_")
+        if low not in FINAL_GENDERS:
+            raise ValueError(f"must be one of {', '.join(FINAL_GENDERS)}, got {text!r}")
+        return low
+    if name == "status":
+        if low not in FILE_STATES:
+            raise ValueError(f"must be one of {', '.join(FILE_STATES)}, got {text!r}")
+        return low
+    if name == "review":
+        if low not in REVIEW_STATES:
+            raise ValueError(f"must be one of {', '.join(REVIEW_STATES)}, got {text!r}")
+        return low
+    if name == "reason":
+        if not re.fullmatch(r"[a-z0-9_]{1,32}", low):
+            raise ValueError(f"must be a failure reason such as truncated or not_an_image, got {text!r}")
+        return low
+    if name == "sha256":
+        if not (_HEX.match(low) and 6 <= len(low) <= 64):
+            raise ValueError(f"must be a SHA-256 in hex or a prefix of at least 6 hex digits, got {text!r}")
+        return low
+    if name == "root":
+        return text.rstrip("/") or "/"
+    return text  # path_prefix, path_glob
+
+
+def check(f: Filters) -> list[str]:
+    """Consistency problems of already-typed filters (ranges, the cut)."""
+    out = []
+    for lo, hi in (("p_male_min", "p_male_max"), ("age_min", "age_max"), ("width_min", "width_max"), ("seen_since", "seen_until")):
+        a, b = getattr(f, lo), getattr(f, hi)
+        if a is not None and b is not None and a > b:
+            out.append(f"{OPTION[lo]}/{OPTION[hi]}: the range is empty ({a} > {b})")
+    for name in ("p_male_min", "p_male_max"):
+        v = getattr(f, name)
+        if v is not None and not 0 <= v <= 1:
+            out.append(f"{OPTION[name]}: must be a probability between 0 and 1, got {v}")
+    if f.threshold is not None and not 0 < f.threshold < 1:
+        out.append(f"--threshold: must be between 0 and 1 (exclusive), got {f.threshold}")
+    if f.margin is not None and f.margin < 0:
+        out.append(f"--margin: must be >= 0, got {f.margin}")
+    if f.threshold is not None and f.margin is not None and f.margin >= min(f.threshold, 1 - f.threshold) and f.margin > 0:
+        out.append(f"--margin: must leave both labels reachable (< {min(f.threshold, 1 - f.threshold):g} with threshold {f.threshold}), got {f.margin}")
+    if f.minor_k < 0:
+        out.append(f"--minor-k: must be >= 0, got {f.minor_k}")
+    for name in ("width_min", "width_max", "score_min", "age_min", "age_max"):
+        v = getattr(f, name)
+        if v is not None and v < 0:
+            out.append(f"{OPTION[name]}: must be >= 0, got {v}")
+    return out
+
+
+def check_cut(cut: Cut) -> list[str]:
+    if not 0 < cut.threshold < 1:
+        return [f"--threshold: must be between 0 and 1 (exclusive), got {cut.threshold}"]
+    if cut.margin < 0 or (cut.margin > 0 and cut.margin >= min(cut.threshold, 1 - cut.threshold)):
+        return [f"--margin: must be >= 0 and leave both labels reachable with threshold {cut.threshold}, got {cut.margin}"]
+    return []
+
+
+# --------------------------------------------------------------------------------------------
+# Command-line options (the same names as the fields)
+
+_HELP = {
+    "gender": "query-time gender decision: female, male, uncertain (repeat or comma-separate for OR)",
+    "final_gender": "gender after analyst reviews: female, male, uncertain, not_face",
+    "p_male_min": "p(male) at least P", "p_male_max": "p(male) at most P",
+    "uncertain": "only faces in the uncertain band of the cut (same as --gender uncertain)",
+    "threshold": "decision threshold on p(male) (default: the configuration's, 0.5)",
+    "margin": "half-width of the uncertain band (default: the configuration's, 0.1)",
+    "age_min": "estimated age at least A", "age_max": "estimated age at most A",
+    "minors": "likely (age + k*std < 18) or possible (age - k*std < 18); bare --minors means likely",
+    "minor_k": "spread multiplier k for --minors (default 1)",
+    "width_min": "face box width at least W pixels", "width_max": "face box width at most W pixels",
+    "score_min": "detection score at least S",
+    "path_prefix": "recorded path starts with TEXT", "path_glob": "whole path matches a shell pattern (* crosses /)",
+    "root": "recorded evidence root", "seen_since": "path first seen at or after WHEN (date, epoch, or 36h/7d ago)",
+    "seen_until": "path first seen before WHEN", "sha256": "content hash or a prefix (>= 6 hex digits)",
+    "bundle": "latest (default), all, or a model bundle key", "status": "file state: " + ", ".join(FILE_STATES),
+    "reason": "failure reason (truncated, not_an_image, ...)", "review": "reviewed, unreviewed, confirmed, corrected, ignored",
+    "sort": "faces: " + ", ".join(FACE_SORTS) + "; images: " + ", ".join(IMAGE_SORTS) + "; descending: KEY:desc (or --sort=-KEY)",
+    "limit": "at most N rows (0 = all)", "offset": "skip the first N rows",
+}
+
+
+def add_filter_args(p: argparse.ArgumentParser, *, limit: int | None = 50, only: Sequence[str] | None = None) -> None:
+    """Add the filter options to ``p`` (values stay text; :func:`from_args` parses them)."""
+    g = p.add_argument_group("filters")
+    for name, opt in OPTION.items():
+        if only is not None and name not in only:
+            continue
+        if name == "uncertain":
+            g.add_argument(opt, dest="f_" + name, action="store_const", const="1", help=_HELP[name])
+        elif name == "minors":
+            g.add_argument(opt, dest="f_" + name, nargs="?", const="likely", metavar="RULE", help=_HELP[name])
+        elif name in _MULTI:
+            g.add_argument(opt, dest="f_" + name, action="append", metavar=name.split("_")[-1].upper(), help=_HELP[name])
+        else:
+            default = str(limit or 0) if name == "limit" else None
+            g.add_argument(opt, dest="f_" + name, default=default, metavar=name.split("_")[-1].upper(), help=_HELP[name])
+
+
+def from_args(args: argparse.Namespace) -> Filters:
+    pairs: list[tuple[str, str]] = []
+    for name in OPTION:
+        v = getattr(args, "f_" + name, None)
+        if v is None:
+            continue
+        pairs.extend((name, x) for x in (v if isinstance(v, list) else [v]))
+    return parse(pairs)

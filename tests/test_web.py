@@ -1,0 +1,278 @@
+"""The review page over HTTP (Starlette's test client): pages and filters, pictures, reviews,
+and the attacks it must refuse: path traversal, reading outside the evidence roots, cross-site
+review posts, foreign Host headers, writes on read-only routes, binding beyond loopback."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import shutil
+from collections.abc import Iterator
+
+import cv2
+import numpy as np
+import pytest
+from sqlalchemy import insert, select
+
+pytest.importorskip("starlette", reason="the web extra is not installed: pip install -e '.[web]'")
+pytest.importorskip("httpx", reason="the test client needs httpx: pip install -e '.[web]'")
+
+from starlette.testclient import TestClient  # noqa: E402
+
+from daemon import config  # noqa: E402
+from daemon.cli import main  # noqa: E402
+from daemon.store import reviews as rv  # noqa: E402
+from daemon.store import schema as s  # noqa: E402
+from daemon.store.engine import open_engine, open_store_engine  # noqa: E402
+from daemon.web import create_app, host_allowed, is_loopback  # noqa: E402
+from tests.query_fixtures import DevDB, copy_db, dev_db, load_world, real_db  # noqa: F401 - fixtures
+
+PORT = 8765
+BASE = f"http://127.0.0.1:{PORT}"
+
+
+def _client(url: str, **kw) -> tuple[TestClient, object]:  # noqa: ANN003
+    app = create_app(config.parse({"database": url}, check_paths=False), port=PORT, **kw)
+    return TestClient(app, base_url=BASE), app
+
+
+@pytest.fixture
+def web(dev_db: DevDB, tmp_path) -> Iterator[tuple[TestClient, DevDB]]:  # noqa: ANN001
+    """A page over a private SQLite copy of the dev database."""
+    url = f"sqlite:///{tmp_path / 'web.db'}"
+    copy_db(dev_db.url, url)
+    client, app = _client(url)
+    yield client, DevDB(url, dev_db.ev, dev_db.ev2, dev_db.out, dev_db.bundle, dev_db.dup_sha)
+    app.close()
+
+
+def _token(client: TestClient, face_id: int) -> str:
+    return re.search(r'name="csrf" value="([^"]+)"', client.get(f"/faces/{face_id}").text).group(1)
+
+
+def _decode(resp) -> np.ndarray:  # noqa: ANN001
+    assert resp.status_code == 200 and resp.headers["content-type"] == "image/jpeg"
+    return cv2.imdecode(np.frombuffer(resp.content, np.uint8), cv2.IMREAD_COLOR)
+
+
+# --------------------------------------------------------------------------------------------
+# Pages, on SQLite and PostgreSQL
+
+
+def test_pages_filters_pictures_and_a_review(real_db) -> None:  # noqa: ANN001
+    client, app = _client(real_db.url)
+    try:
+        w = load_world(real_db.url)
+        page = client.get("/faces")
+        assert page.status_code == 200
+        ids = [int(x) for x in re.findall(r'data-face-id="(\d+)"', page.text)]
+        assert len(ids) == min(50, len(w["faces"]))
+        assert f"<b>{len(w['faces'])}</b> face(s) match" in page.text
+        page = client.get("/faces", params={"gender": "female", "limit": "10"})
+        genders = re.findall(r'<td class="g-(\w+)">(\w+)</td>', page.text)
+        assert genders and all(g == ("female", "female") for g in genders)
+        nxt = re.search(r'id="next" href="([^"]+)"', page.text).group(1).replace("&amp;", "&")
+        page2 = client.get("/faces" + nxt)
+        assert set(re.findall(r'data-face-id="(\d+)"', page2.text)).isdisjoint(re.findall(r'data-face-id="(\d+)"', page.text))
+        bad = client.get("/faces", params={"p_male_min": "lots", "gender": "dog"})
+        assert bad.status_code == 400 and "--p-male-min: must be a number" in bad.text and "--gender: must be one of" in bad.text
+        assert client.get("/images").status_code == 200 and client.get("/images", params={"status": "failed"}).text.count('class="image"') == 2
+        assert client.get("/stats").status_code == 200
+        # one image with its boxes, its picture, the annotated download and a face
+        wider = sorted((real_db.ev2 / "wider").iterdir())[0]
+        sha = hashlib.sha256(wider.read_bytes()).hexdigest()
+        img_page = client.get(f"/images/{sha}")
+        boxes = re.findall(r'id="box-(\d+)"', img_page.text)
+        assert img_page.status_code == 200 and len(boxes) >= 1
+        orig = cv2.imread(str(wider))
+        assert _decode(client.get(f"/media/image/{sha}.jpg")).shape == orig.shape
+        ann = client.get(f"/media/annotated/{sha}.jpg")
+        assert ann.headers["content-disposition"] == f'attachment; filename="{sha[:16]}.annotated.jpg"'
+        assert _decode(ann).shape == orig.shape
+        face_id = int(boxes[0])
+        assert _decode(client.get(f"/media/face/{face_id}.jpg")).shape[0] >= 320
+        assert max(_decode(client.get(f"/media/face/{face_id}.jpg?size=thumb")).shape[:2]) <= 96
+        # a review, then the face shows it in the list
+        tok = _token(client, face_id)
+        r = client.post(f"/faces/{face_id}/review", data={"csrf": tok, "status": "corrected", "label": "not_face", "note": "a poster"},
+                        headers={"Origin": BASE, "Sec-Fetch-Site": "same-origin"}, follow_redirects=False)
+        assert (r.status_code, r.headers["location"]) == (303, f"/faces/{face_id}?saved=1")
+        listed = client.get("/faces", params={"review": "reviewed"}).text
+        assert re.findall(r'data-face-id="(\d+)"', listed) == [str(face_id)] and "corrected: not_face" in listed
+        face_page = client.get(f"/faces/{face_id}").text
+        assert "a poster" in face_page and 'id="final">not_face' in face_page
+    finally:
+        app.close()
+
+
+# --------------------------------------------------------------------------------------------
+# Attacks (SQLite copy of the dev database)
+
+
+TRAVERSALS = [
+    "/media/image/../../../../etc/passwd",
+    "/media/image/..%2F..%2F..%2F..%2Fetc%2Fpasswd.jpg",
+    "/media/image/%2e%2e%2f%2e%2e%2fetc%2fpasswd.jpg",
+    "/media/image/....//....//etc/passwd.jpg",
+    "/media/image/%252e%252e%252fetc%252fpasswd.jpg",
+    "/media/image/etc%00passwd.jpg",
+    "/media/annotated/..%5c..%5cetc%5cpasswd.jpg",
+    "/images/..%2F..%2Fetc%2Fpasswd",
+    "/images/%2Fetc%2Fpasswd",
+    "/media/face/..%2F..%2Fetc%2Fpasswd.jpg",
+    "/media/face/1.jpg/../../../../etc/passwd",
+    "/media/face/-1.jpg",
+    "/static/../../etc/passwd",
+    "/faces/1/../../../etc/passwd",
+    "/media/image/" + "0" * 63 + "g.jpg",
+    "//etc/passwd",
+]
+
+
+@pytest.mark.parametrize("url", TRAVERSALS)
+def test_path_traversal_is_refused(web, url) -> None:  # noqa: ANN001
+    client, _ = web
+    r = client.get(url)
+    assert r.status_code in (400, 404), (url, r.status_code)
+    assert b"root:" not in r.content and b"daemon:" not in r.content
+    assert r.headers.get("content-type", "").split(";")[0] in ("text/plain", "text/html")
+
+
+def _record(url: str, sha: str, path: str, root: str) -> None:
+    engine = open_store_engine(url)
+    with engine.begin() as c:
+        iid = c.execute(select(s.images.c.id).where(s.images.c.sha256 == sha)).scalar()
+        if iid is None:
+            iid = c.execute(insert(s.images).values(sha256=sha, md5="0" * 32, size=1, first_seen=1.0)).inserted_primary_key[0]
+        c.execute(insert(s.files).values(path=path, root=root, size=1, mtime_ns=1, state="done", image_id=iid, attempts=1,
+                                         first_seen=1.0, last_seen=1.0, updated=1.0))
+    engine.dispose()
+
+
+def test_images_are_read_only_inside_their_root_and_only_with_their_hash(web, tmp_path) -> None:  # noqa: ANN001
+    client, db = web
+    src = sorted((db.ev / "lfw").iterdir())[5]
+    data = src.read_bytes()
+    # 1. a recorded path outside its root (a crafted row): the file exists and has the right hash
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    secret = outside / "secret.jpg"
+    secret.write_bytes(data + b"\x00")  # a distinct content
+    sha_secret = hashlib.sha256(secret.read_bytes()).hexdigest()
+    root = tmp_path / "root"
+    root.mkdir()
+    _record(db.url, sha_secret, str(secret), str(root))
+    r = client.get(f"/media/image/{sha_secret}.jpg")
+    assert (r.status_code, r.text) == (404, "image not available: outside_roots")
+    # 2. a symbolic link inside the root to a file outside it
+    link = root / "link.jpg"
+    link.symlink_to(secret)
+    _record(db.url, sha_secret, str(link), str(root))
+    assert client.get(f"/media/image/{sha_secret}.jpg").text == "image not available: outside_roots"
+    # 3. a recorded path whose content changed: never served as the recorded image
+    changed = root / "changed.jpg"
+    changed.write_bytes(data)
+    fake = hashlib.sha256(b"what was analysed").hexdigest()
+    _record(db.url, fake, str(changed), str(root))
+    assert client.get(f"/media/image/{fake}.jpg").text == "image not available: changed"
+    # 4. a genuine one in its root is served
+    good = root / "good.jpg"
+    shutil.copyfile(src, good)
+    _record(db.url, hashlib.sha256(data).hexdigest(), str(good), str(root))
+    assert client.get(f"/media/image/{hashlib.sha256(data).hexdigest()}.jpg").status_code == 200
+
+
+def _post(client: TestClient, face_id: int, data: dict, headers: dict | None = None):  # noqa: ANN202
+    return client.post(f"/faces/{face_id}/review", data=data, headers=headers or {}, follow_redirects=False)
+
+
+def _reviews(url: str) -> int:
+    engine = open_engine(url, readonly=True)
+    with engine.connect() as c:
+        n = len(c.execute(select(rv.reviews.c.id)).all())
+    engine.dispose()
+    return n
+
+
+def test_cross_site_review_posts_are_refused(web) -> None:  # noqa: ANN001
+    client, db = web
+    face_id = load_world(db.url)["faces"][0]["id"]
+    tok = _token(client, face_id)
+    ok = {"csrf": tok, "status": "ignored"}
+    cases = [
+        ({"status": "ignored"}, {"Origin": BASE}, 403, "missing or stale form token"),
+        ({"csrf": "guess", "status": "ignored"}, {"Origin": BASE}, 403, "missing or stale form token"),
+        (ok, {"Origin": "http://evil.example"}, 403, "is not this server"),
+        (ok, {"Origin": "null"}, 403, "is not this server"),
+        (ok, {"Origin": "http://127.0.0.1:9999"}, 403, "is not this server"),
+        (ok, {"Sec-Fetch-Site": "cross-site"}, 403, "Sec-Fetch-Site is 'cross-site'"),
+        (ok, {"Sec-Fetch-Site": "same-site"}, 403, "Sec-Fetch-Site is 'same-site'"),
+    ]
+    for data, headers, status, text in cases:
+        r = _post(client, face_id, data, headers)
+        assert (r.status_code, text in r.text) == (status, True), (data, headers, r.text)
+    # a form posted as JSON or multipart (CORS-simple types other than urlencoded) is refused too
+    r = client.post(f"/faces/{face_id}/review", content=b'{"csrf": "x"}', headers={"Content-Type": "text/plain", "Origin": BASE})
+    assert r.status_code in (403, 415)
+    assert _reviews(db.url) == 0
+    # the same-origin form with the token is accepted; bad values are refused with the reason
+    assert _post(client, face_id, {**ok, "status": "corrected"}, {"Origin": BASE}).text == "review not recorded: a correction needs a label (female, male or not_face)"
+    assert _post(client, face_id, ok, {"Origin": BASE, "Sec-Fetch-Site": "same-origin"}).status_code == 303
+    assert _post(client, face_id, ok).status_code == 303  # a non-browser client with the token
+    assert _reviews(db.url) == 2
+
+
+def test_every_other_route_is_read_only(web) -> None:  # noqa: ANN001
+    client, db = web
+    face_id = load_world(db.url)["faces"][0]["id"]
+    for method in ("POST", "PUT", "DELETE", "PATCH"):
+        for url in ("/", "/faces", f"/faces/{face_id}", "/images", "/stats", f"/media/face/{face_id}.jpg"):
+            assert client.request(method, url).status_code == 405, (method, url)
+    assert client.request("PUT", f"/faces/{face_id}/review").status_code == 405
+
+
+def test_read_only_page_has_no_write_path(dev_db, tmp_path) -> None:  # noqa: ANN001
+    url = f"sqlite:///{tmp_path / 'ro.db'}"
+    copy_db(dev_db.url, url)
+    client, app = _client(url, review=False)
+    try:
+        face_id = load_world(url)["faces"][0]["id"]
+        page = client.get(f"/faces/{face_id}").text
+        assert 'name="csrf"' not in page and "read-only" in page
+        assert client.post(f"/faces/{face_id}/review", data={"status": "ignored"}, headers={"Origin": BASE}).status_code in (404, 405)
+        assert _reviews(url) == 0
+    finally:
+        app.close()
+
+
+def test_foreign_host_headers_and_security_headers(web) -> None:  # noqa: ANN001
+    client, _ = web
+    for host in ("evil.example", "evil.example:8765", "127.0.0.1:9999", "127.0.0.1.evil.example", "localhost:1"):
+        r = client.get("/faces", headers={"Host": host})
+        assert r.status_code == 421, host
+    for host in ("127.0.0.1:8765", "localhost:8765"):
+        assert client.get("/stats", headers={"Host": host}).status_code == 200
+    r = client.get("/stats")
+    assert "script-src" not in r.headers["content-security-policy"] and "default-src 'none'" in r.headers["content-security-policy"]
+    assert (r.headers["x-content-type-options"], r.headers["cache-control"], r.headers["x-frame-options"]) == ("nosniff", "no-store", "DENY")
+
+
+@pytest.mark.parametrize(("host", "loop"), [("127.0.0.1", True), ("127.3.4.5", True), ("::1", True), ("[::1]", True), ("localhost", True),
+                                            ("0.0.0.0", False), ("192.168.1.5", False), ("::", False), ("example.org", False)])
+def test_is_loopback(host, loop) -> None:  # noqa: ANN001
+    assert is_loopback(host) is loop
+
+
+def test_host_allowed() -> None:
+    names = frozenset({"127.0.0.1", "localhost"})
+    assert host_allowed("127.0.0.1:8765", names, 8765) and host_allowed("LOCALHOST:8765", names, 8765)
+    assert not host_allowed("127.0.0.1:8766", names, 8765) and not host_allowed("127.0.0.1", names, 8765)
+    assert not host_allowed("evil:8765", names, 8765) and not host_allowed("", names, 8765) and not host_allowed("a b", names, None)
+    assert host_allowed("[::1]:80", frozenset({"[::1]"}), 80)
+
+
+def test_serve_refuses_a_non_loopback_address(capsys, dev_db) -> None:  # noqa: ANN001
+    for host in ("0.0.0.0", "192.168.1.5", "example.org"):
+        assert main(["serve", "--db", dev_db.url, "--host", host, "--port", "1"]) == 2
+        err = capsys.readouterr().err
+        assert f"--host {host} is not a loopback address" in err and "--allow-remote" in err

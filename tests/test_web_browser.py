@@ -1,0 +1,138 @@
+"""The review page end to end in headless Chromium (Debian's ``chromium`` package, driven by
+Playwright): list, filter, open an image, open a face, record a review, see it in the list,
+download the annotated image. Screenshots go to ``reports/test-output/`` (or
+``$FORENSIC_GENDER_TEST_OUTPUT``).
+
+Needs ``/usr/bin/chromium`` (``apt-get install -y chromium``) and the ``playwright`` Python
+package (never ``playwright install``: the system browser is used). Skipped with a message when
+either is missing, except in CI, where that is a failure."""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import IN_CI, REPO
+from tests.query_fixtures import DevDB, copy_db, dev_db  # noqa: F401 - fixtures
+
+CHROMIUM = os.environ.get("FORENSIC_GENDER_CHROMIUM", "/usr/bin/chromium")
+OUT = Path(os.environ.get("FORENSIC_GENDER_TEST_OUTPUT", REPO / "reports" / "test-output"))
+ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+        "--disable-sync", "--no-first-run"]
+
+
+def _unavailable(why: str) -> None:
+    if IN_CI:
+        pytest.fail(f"{why} (required in CI: .ci/run must install it)")
+    pytest.skip(why)
+
+
+@pytest.fixture
+def browser():  # noqa: ANN201 - function scope: Playwright's threads end before the thread-leak check
+    if not Path(CHROMIUM).exists():
+        _unavailable(f"headless browser test skipped: {CHROMIUM} not found; install it with `apt-get install -y chromium`")
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        _unavailable("headless browser test skipped: the playwright package is missing; pip install -e '.[web]'")
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        yield b
+        b.close()
+
+
+@pytest.fixture
+def server(dev_db: DevDB, tmp_path):  # noqa: ANN001, ANN201
+    from daemon import config
+    from daemon.web import create_app, serve_in_thread
+
+    url = f"sqlite:///{tmp_path / 'browser.db'}"
+    copy_db(dev_db.url, url)
+    app = create_app(config.parse({"database": url}, check_paths=False), hosts=("127.0.0.1",))
+    srv, thread, port = serve_in_thread(app)
+    try:
+        yield f"http://127.0.0.1:{port}", dev_db
+    finally:
+        srv.should_exit = True
+        thread.join(15)
+        app.close()
+
+
+def _until(page, expr: str, timeout: float = 20.0) -> None:  # noqa: ANN001
+    """Poll a page expression until it is true (page.wait_for_function would need 'unsafe-eval',
+    which the page's Content-Security-Policy rightly forbids)."""
+    import time
+
+    end = time.monotonic() + timeout
+    while not page.evaluate(expr):
+        if time.monotonic() > end:
+            raise AssertionError(f"still false after {timeout} s: {expr}")
+        page.wait_for_timeout(100)
+
+
+def test_review_page_end_to_end(browser, server) -> None:  # noqa: ANN001
+    import cv2
+
+    base, db = server
+    OUT.mkdir(parents=True, exist_ok=True)
+    ctx = browser.new_context(viewport={"width": 1400, "height": 1000}, accept_downloads=True)
+    page = ctx.new_page()
+    try:
+        # the list
+        page.goto(base + "/faces")
+        rows = page.locator("tr.face")
+        assert rows.count() > 20
+        assert "face(s) match" in page.inner_text("#summary")
+        _until(page, "Array.from(document.querySelectorAll('img.thumb')).slice(0, 5).every(i => i.complete && i.naturalWidth > 0)")
+        page.screenshot(path=str(OUT / "review-1-faces.png"))
+        # filter with the form
+        page.select_option("select[name=gender]", "female")
+        page.fill("input[name=path_glob]", "*/wider/*")
+        page.click("#apply")
+        page.wait_for_url(re.compile(r".*gender=female.*"))
+        genders = page.locator("tr.face td:nth-child(3)").all_inner_texts()
+        paths = page.locator("tr.face td.path a").all_inner_texts()
+        assert genders and set(genders) == {"female"} and all("/wider/" in p for p in paths)
+        # open an image: the picture loads and its boxes are links
+        page.locator("tr.face td.path a").first.click()
+        page.wait_for_url(re.compile(r".*/images/[0-9a-f]{64}$"))
+        _until(page, "document.querySelector('#picture img').complete && document.querySelector('#picture img').naturalWidth > 0")
+        boxes = page.locator("#picture a.box")
+        assert boxes.count() >= 1
+        page.screenshot(path=str(OUT / "review-2-image.png"), full_page=True)
+        # download the annotated image
+        with page.expect_download() as dl:
+            page.click("#download")
+        saved = OUT / dl.value.suggested_filename
+        dl.value.save_as(str(saved))
+        width = page.evaluate("document.querySelector('#picture img').naturalWidth")
+        assert cv2.imread(str(saved)).shape[1] == width
+        # open a face by clicking its box
+        boxes.first.click()
+        page.wait_for_url(re.compile(r".*/faces/\d+$"))
+        face_id = int(page.url.rsplit("/", 1)[1])
+        _until(page, "document.querySelector('#face-large').complete && document.querySelector('#face-large').naturalWidth > 0")
+        assert re.match(r"\d\.\d{4}", page.inner_text("#p-male"))
+        # record a review
+        page.select_option("#status", "corrected")
+        page.select_option("#label", "male")
+        page.fill("#note", "browser test: moustache visible")
+        page.fill("#reviewer", "analyst-1")
+        page.click("#save")
+        page.wait_for_url(re.compile(rf".*/faces/{face_id}\?saved=1$"))
+        assert page.is_visible("#saved")
+        assert page.inner_text("#review-now").startswith("corrected: male by analyst-1")
+        assert page.inner_text("#final") == "male"
+        page.screenshot(path=str(OUT / "review-3-face.png"), full_page=True)
+        # and see it in the list
+        page.goto(base + "/faces?review=reviewed")
+        listed = page.locator("tr.face")
+        assert listed.count() == 1 and listed.first.get_attribute("data-face-id") == str(face_id)
+        assert page.inner_text("tr.face td.review") == "corrected: male"
+        page.screenshot(path=str(OUT / "review-4-reviewed.png"))
+        print(f"screenshots in {OUT}: review-1-faces.png ... review-4-reviewed.png")
+    finally:
+        ctx.close()
