@@ -284,6 +284,8 @@ class Service:
         self.next_health = self.next_status = self.next_heartbeat = self.next_log = 0.0
         self.backlog = 0
         self.db_failures = 0
+        self.db_down_since: float | None = None  # first failed database call of the current outage
+        self.unrecorded: deque = deque()  # worker outcomes not yet written (the database was away)
         self.internal_failures = 0
         self.not_intact_warned: set[str] = set()
         self._next_renew = 0.0
@@ -396,10 +398,22 @@ class Service:
         try:
             fn()
             self.db_failures = self.internal_failures = 0
+            if self.db_down_since is not None:
+                down, self.db_down_since = time.time() - self.db_down_since, None
+                log.warning("database reachable again after %.0f s; resuming (%d result(s) kept meanwhile)", down, len(self.unrecorded))
+                self.notifier.status(self._status_text())
+                if self.store is not None:
+                    self.store.event("database_outage", {"seconds": round(down, 1)})
         except DBAPIError as err:
             self.db_failures += 1
-            delay = min(30.0, 0.5 * 2 ** min(self.db_failures, 6))
-            log.error("database error (%s); retrying in %.0f s", getattr(err, "orig", err), delay)
+            if self.db_down_since is None:
+                self.db_down_since = time.time()
+            delay = min(10.0, 0.5 * 2 ** min(self.db_failures, 6))
+            why = (str(getattr(err, "orig", err)).strip().splitlines() or [type(err).__name__])[0][:200]
+            down = time.time() - self.db_down_since
+            log.error("database error (%s); unreachable for %.0f s, retrying in %.0f s", why, down, delay)
+            self.notifier.status(f"database unreachable for {down:.0f} s ({why}); retrying in {delay:.0f} s; "
+                                 f"{len(self.inflight)} file(s) in flight, {len(self.unrecorded)} result(s) waiting to be written")
             if self.watcher is not None:  # changes taken from the watcher may not have been recorded
                 for root in self.watcher.roots:
                     self._request_rescan(root, "database_error")
@@ -703,6 +717,7 @@ class Service:
         assert self.pool is not None and self.store is not None
         pool, store, svc = self.pool, self.store, self.cfg.service
         now = time.monotonic()
+        self._record_kept()  # results taken from the workers while the database was away
         if self.pool_restart and not self.inflight:
             self._restart_pool()
             pool = self.pool
@@ -729,8 +744,8 @@ class Service:
         else:
             outcomes = []
             self._sleep(timeout)
-        for outcome in outcomes:
-            self._record(outcome)
+        self.unrecorded.extend(outcomes)  # kept until written: a database error must not lose them
+        self._record_kept()
         if self.inflight or self.prefetch:
             if now >= self._next_renew:
                 self._next_renew = now + svc.lease_seconds / 3
@@ -753,6 +768,11 @@ class Service:
             self.pool.submit(Task(c.id, c.path))
         self.prefetch.extendleft(reversed(skipped))
 
+    def _record_kept(self) -> None:
+        while self.unrecorded:
+            self._record(self.unrecorded[0])  # raises on a database error: the outcome stays
+            self.unrecorded.popleft()
+
     def _record(self, outcome) -> None:  # noqa: ANN001
         from daemon.workers import Crashed, Failed
 
@@ -768,6 +788,12 @@ class Service:
                 self.store.release([fid])  # the file was renamed under the worker: try it again
                 self.queue_hint = True
                 return
+        if isinstance(outcome, Failed) and outcome.reason == "internal_error" and \
+                outcome.error.startswith(("OperationalError", "InterfaceError", "DisconnectionError")):
+            # the worker's "already analysed?" look-up hit a database outage: not the file's fault
+            self.store.release([fid])
+            self.queue_hint = True
+            return
         record(self.store, outcome, self.pool.bundle_key, self.cfg.service.max_attempts)
         if isinstance(outcome, Crashed):
             self.queue_hint = True
@@ -883,6 +909,8 @@ class Service:
         log.info("stopping: %d file(s) in flight, %d claimed ahead released", n, len(self.prefetch))
         if self.watcher is not None:
             self.watcher.stop()
+        if self.pool is not None:
+            self._record_kept()
         if self.prefetch:
             self.store.release([c.id for c in self.prefetch])
             self.prefetch.clear()
