@@ -160,3 +160,19 @@ def test_sqlite_settings(tmp_path) -> None:  # noqa: ANN001
         assert c.exec_driver_sql("pragma foreign_keys").scalar() == 1
         assert c.exec_driver_sql("pragma busy_timeout").scalar() >= 5000
     eng.dispose()
+
+
+def test_stats_per_host_throughput_and_leases(store: Store) -> None:
+    from daemon.queries import read
+    from daemon.queries.filters import Filters
+
+    store.upsert_files([fs("a.jpg"), fs("b.jpg"), fs("c.jpg")])
+    (a,) = store.claim(1, 60)
+    store.record_analysis(a.id, result("6" * 64), "b1")
+    other = Store(store.engine, "host-b")
+    other.claim(1, 60)
+    other.claim(1, -1)  # a lease that has already expired: a dead host
+    with store.engine.connect() as conn:
+        st = read.stats(conn, Filters(), read.scope(conn, Filters()))
+    assert st["hosts"]["host-a"]["analyses"] == 1 and st["hosts"]["host-a"]["last_minute"] == 1
+    assert st["hosts"]["host-b"]["leases"] == 2 and st["hosts"]["host-b"]["expired_leases"] == 1

@@ -328,6 +328,11 @@ def print_stats(out: TextIO, st: dict, db: str) -> None:
     w(f"gender (threshold {c['threshold']:g}, margin {c['margin']:g}): female {g['female']}, male {g['male']}, uncertain {g['uncertain']}\n")
     w("age: " + ", ".join(f"{k} {v}" for k, v in st["age"].items()) + "\n")
     w("minors: " + ", ".join(f"{k} {v}" for k, v in st["minors"].items()) + "\n")
+    if st.get("hosts"):
+        w("by host:\n")
+        for host, d in st["hosts"].items():
+            w(f"  {host}: {d['analyses']} analyses ({d['last_minute']} last minute, {d['last_hour']} last hour), "
+              f"{d['leases']} lease(s) held ({d['expired_leases']} expired)\n")
     w("by root:\n")
     for root, d in st["by_root"].items():
         rest = ", ".join(f"{k} {v}" for k, v in d.items() if k not in ("files", "faces"))

@@ -588,6 +588,7 @@ def stats(conn: Connection, f: Filters, sc: Scope, *, now: float | None = None) 
                         "gender_model": (spec.get("gender") or {}).get("model"), "age": "age" in (spec.get("models") or {}),
                         "detector_threshold": (spec.get("detector") or {}).get("threshold")})
     out["bundles"] = bundles
+    out["hosts"] = host_activity(conn, now)
     out["reviews"] = {}
     if sc.reviews:  # faces by their current review (the latest that attaches to each)
         rq = _FaceQuery(replace(f, review=("reviewed",), limit=None), sc, with_files=bool(fc), with_reviews=True)
@@ -595,6 +596,27 @@ def stats(conn: Connection, f: Filters, sc: Scope, *, now: float | None = None) 
             select(rq.R.c.status, func.count().label("n")).select_from(rq.frm).where(*rq.where).group_by(rq.R.c.status).order_by(rq.R.c.status))}
         out["review_records"] = conn.execute(select(func.count()).select_from(rv.reviews)).scalar_one()
     return out
+
+
+def host_activity(conn: Connection, now: float) -> dict:
+    """Per host: analyses written (all time, last minute, last hour), analysis seconds, and the
+    leases it holds now (and how many of them have expired: a host that died)."""
+    A, FI = s.analyses, s.files  # noqa: N806
+    hosts: dict[str, dict] = {}
+    for r in conn.execute(select(
+        A.c.host, func.count().label("n"),
+        func.sum(case((A.c.created >= now - 60, 1), else_=0)).label("minute"),
+        func.sum(case((A.c.created >= now - 3600, 1), else_=0)).label("hour"),
+        func.sum(A.c.seconds).label("secs"),
+    ).group_by(A.c.host)):
+        hosts[r.host or "(unknown)"] = {"analyses": r.n, "last_minute": int(r.minute or 0), "last_hour": int(r.hour or 0),
+                                        "analysis_seconds": round(float(r.secs or 0), 1), "leases": 0, "expired_leases": 0}
+    for r in conn.execute(select(
+        FI.c.lease_owner, func.count().label("n"), func.sum(case((FI.c.lease_expires < now, 1), else_=0)).label("expired"),
+    ).where(FI.c.state == "working").group_by(FI.c.lease_owner)):
+        d = hosts.setdefault(r.lease_owner or "(unknown)", {"analyses": 0, "last_minute": 0, "last_hour": 0, "analysis_seconds": 0.0})
+        d["leases"], d["expired_leases"] = r.n, int(r.expired or 0)
+    return dict(sorted(hosts.items()))
 
 
 def recorded_roots(conn: Connection) -> list[str]:
