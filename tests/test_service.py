@@ -719,6 +719,7 @@ def test_inotify_watch_exhaustion_falls_back_to_polling(tmp_path: Path, models_r
         "unshare", "--user", "--map-root-user", "sh", "-c", 'echo 4 > /proc/sys/user/max_inotify_watches && exec "$@"', "sh"])
     svc.start().wait_ready()
     wait_for(lambda: "fs.inotify.max_user_watches" in svc.log() and "polling" in svc.log(), 30, "the exhaustion message", proc=svc)
+    wait_for(lambda: q(db, "select detail from events where kind = 'watch_fallback'"), 30, "the fallback event", proc=svc)
     detail = json.loads(q1(db, "select detail from events where kind = 'watch_fallback'"))
     assert "fs.inotify.max_user_watches" in detail["detail"] and "sysctl" in detail["detail"]
     (ev / "d11" / "deep.jpg").write_bytes(unique_jpeg("deep"))  # in a folder inotify could not watch
