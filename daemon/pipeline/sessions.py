@@ -3,6 +3,14 @@
 A :class:`Session` checks the graph's signature against what the caller expects when it is
 loaded (so a wrong file fails at start-up, not on the first evidence file), pins the thread
 count, checks that the provider it got is the one it asked for, and exposes one ``run``.
+
+Denormal weights: a float32 weight below 1.18e-38 in magnitude (a *subnormal*) costs the CPU a
+microcode assist on every multiplication it takes part in. ``age-v1`` holds 6,667 of them and
+``gender-v1`` 145 (converted from dlib); they made ``age-v1`` run 5-6x slower than the same
+network without them (12.8 vs 2.2 ms per face on this machine, benchmarks/README.md). A session
+therefore loads the graph with such weights set to zero (:func:`flush_denormals`); their
+contribution to any output is below float32 resolution (outputs compared bit for bit on test
+chips). The file on disk, and the hash the bundle records, are unchanged.
 """
 
 from __future__ import annotations
@@ -12,7 +20,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+import onnx
 import onnxruntime as ort
+from onnx import numpy_helper
 
 log = logging.getLogger(__name__)
 
@@ -48,11 +58,18 @@ class Session:
         opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         opts.log_severity_level = 3
-        # The arena grows to the largest input ever seen and never shrinks; without it a
-        # worker's memory follows the current image instead of the largest one.
-        opts.enable_cpu_mem_arena = False
+        # Memory (measured by benchmarks/bench.py --memcheck and the arena experiments in
+        # benchmarks/README.md): the detector's inputs change shape with every image, and a
+        # memory *pattern* (one pre-planned block per input shape) is what made a worker grow
+        # with the arena on. Without patterns the arena only holds the largest activation set
+        # the detector's input cap allows (max_side), and it is reused: no page faults per
+        # run. With the arena off every large activation is mmap-ed and faulted in again on
+        # every run, which cost ~35% of the detector's time in system CPU on this machine.
+        opts.enable_cpu_mem_arena = True
+        opts.enable_mem_pattern = False
         try:
-            self._session = ort.InferenceSession(str(path), sess_options=opts, providers=[PROVIDER])
+            model = flush_denormals(path)
+            self._session = ort.InferenceSession(model if model is not None else str(path), sess_options=opts, providers=[PROVIDER])
         except Exception as err:  # onnxruntime raises several unrelated types
             raise ModelLoadError(
                 f"{self.name}: could not load {path} as an ONNX model ({err}); "
@@ -77,6 +94,33 @@ class Session:
     def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         """Run the graph; returns the expected outputs in the order given at load time."""
         return self._session.run(self.output_names, feeds)
+
+
+def flush_denormals(path: str | Path) -> bytes | None:
+    """The model at ``path`` serialized with its subnormal float32 weights set to zero, or None
+    when it has none (or cannot be parsed: then onnxruntime reports the problem itself)."""
+    try:
+        model = onnx.load(str(path))
+    except Exception:  # noqa: BLE001 - not an ONNX file: the session's own error is clearer
+        return None
+    tiny = np.finfo(np.float32).tiny
+    tensors = list(model.graph.initializer) + [
+        a.t for node in model.graph.node if node.op_type == "Constant" for a in node.attribute if a.name == "value"
+    ]
+    flushed = 0
+    for t in tensors:
+        if t.data_type != onnx.TensorProto.FLOAT or t.data_location == onnx.TensorProto.EXTERNAL:
+            continue
+        a = numpy_helper.to_array(t)
+        sub = (a != 0) & (np.abs(a) < tiny)
+        if sub.any():
+            a = np.where(sub, np.float32(0), a).astype(np.float32)
+            t.CopyFrom(numpy_helper.from_array(a, t.name))
+            flushed += int(sub.sum())
+    if not flushed:
+        return None
+    log.debug("%s: %d subnormal weights set to zero", path, flushed)
+    return model.SerializeToString()
 
 
 def check_probabilities(p: np.ndarray, rows: int, cols: int, where: str, *, rows_sum_to_one: bool) -> np.ndarray:
