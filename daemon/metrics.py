@@ -19,6 +19,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from daemon.pipeline.classify import decide
+
 from daemon.pipeline.detect import iou_matrix
 
 MALE, FEMALE, UNCERTAIN, MISSED = "male", "female", "uncertain", "missed"
@@ -140,22 +142,12 @@ class DetectionCounts:
 # --- gender ----------------------------------------------------------------------------------
 
 def gender_predictions(p_male: np.ndarray, threshold: float = 0.5, margin: float = 0.0) -> list[str]:
-    """Predicted labels from p(male), NaN meaning the face was missed. The same rule as
-    :func:`daemon.pipeline.classify.decide`: male at p >= threshold + margin, female at
-    p <= threshold - margin, uncertain in between; with margin 0, male at p >= threshold."""
-    out = []
-    for p in np.asarray(p_male, np.float64).reshape(-1):
-        if math.isnan(p):
-            out.append(MISSED)
-        elif margin <= 0:
-            out.append(MALE if p >= threshold else FEMALE)
-        elif p >= threshold + margin:
-            out.append(MALE)
-        elif p <= threshold - margin:
-            out.append(FEMALE)
-        else:
-            out.append(UNCERTAIN)
-    return out
+    """Predicted labels from p(male), NaN meaning the face was missed; found faces get the
+    product's own rule (:func:`daemon.pipeline.classify.decide`)."""
+    p = np.asarray(p_male, np.float64).reshape(-1)
+    found = ~np.isnan(p)
+    labels = iter(decide(p[found], threshold, margin))
+    return [next(labels) if f else MISSED for f in found]
 
 
 @dataclass(frozen=True)
