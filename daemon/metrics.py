@@ -20,7 +20,6 @@ from dataclasses import dataclass
 import numpy as np
 
 from daemon.pipeline.classify import decide
-
 from daemon.pipeline.detect import iou_matrix
 
 MALE, FEMALE, UNCERTAIN, MISSED = "male", "female", "uncertain", "missed"
