@@ -289,9 +289,10 @@ def run_monitored(cmd: list[str], *, timeout: float = 3600, pss: bool = True) ->
 # patterns on, subnormal weights kept, one task per worker. ``int8`` swaps the detector for a quantized file
 # (benchmarks/quantize.py) - for measurement only, its bundle still names the fp32 model.
 VARIANTS = {
-    "prev": {"depth": 1, "sess": {"enable_cpu_mem_arena": False, "enable_mem_pattern": True}, "flush": False},
+    "prev": {"depth": 1, "sess": {"enable_cpu_mem_arena": False, "enable_mem_pattern": True}, "flush": False, "trim": False},
     "depth1": {"depth": 1},
     "no_flush": {"flush": False},
+    "own_arenas": {"shared_arena": False},
     "arena_off": {"sess": {"enable_cpu_mem_arena": False, "enable_mem_pattern": True}},
     "int8": {"detector_model": "var/quant/centerface-int8-minmax.onnx"},
 }
@@ -304,6 +305,14 @@ def apply_variant_in_process(v: dict) -> None:
         from daemon.pipeline import sessions
 
         sessions.flush_denormals = lambda path: None
+    if v.get("trim") is False:
+        from daemon.pipeline import sessions
+
+        sessions._trim_heap = lambda: None
+    if v.get("shared_arena") is False or v.get("sess"):  # forced options: each session its own arena
+        from daemon.pipeline import sessions
+
+        sessions._shared_arena = lambda: False
     if v.get("sess"):
         import onnxruntime as _ort
 
@@ -724,8 +733,10 @@ def measure_rss(items: list[dict], n: int, pipeline_json: str, camera_every: int
 
 MEM_VARIANTS = {
     "product": None,  # whatever daemon/pipeline/sessions.py sets
-    "arena_off": {"enable_cpu_mem_arena": False, "enable_mem_pattern": True},  # the first release's setting
-    "ort_defaults": {"enable_cpu_mem_arena": True, "enable_mem_pattern": True},
+    "arena_off": {"enable_cpu_mem_arena": False, "enable_mem_pattern": True},  # the first release (denormals kept too)
+    "ort_defaults": {"enable_cpu_mem_arena": True, "enable_mem_pattern": True},  # one arena per session, patterns
+    "own_arenas": {"enable_cpu_mem_arena": True, "enable_mem_pattern": False},  # one arena per session, no patterns
+    "off_no_patterns": {"enable_cpu_mem_arena": False, "enable_mem_pattern": False},
 }
 
 
@@ -737,7 +748,8 @@ def child_memseq(args: argparse.Namespace) -> int:
 
     force = MEM_VARIANTS[args.variant]
     if force:
-        apply_variant_in_process({"sess": force})
+        first = args.variant == "arena_off"
+        apply_variant_in_process({"sess": force, "flush": not first, "trim": not first})
     cfg = parse({"pipeline": json.loads(args.pipeline or "{}")}, check_paths=False).pipeline
     pipe = load_pipeline(cfg, threads=1)
     seq = json.loads(Path(args.list).read_text())
@@ -754,12 +766,32 @@ def child_memseq(args: argparse.Namespace) -> int:
     return 0
 
 
-def measure_memseq(items: list[dict], pipeline_json: str, reps: int = 2) -> dict:
-    """Six scenes, three 12 MP photos, the six scenes again (twice over), per variant; the
-    variants alternate so that load drift hits them alike."""
-    scenes = [it["path"] for it in items if it["kind"] == "scene"][:6]
+def memcheck_sequence(items: list[dict]) -> list[str]:
+    """Shapes in the order that is hardest on an allocator: scenes by increasing size, then 12 MP
+    photos (4:3 landscape, EXIF-rotated), a square and a portrait crop of one (detector inputs
+    1280x1280 and 939x1280), then the small scenes again."""
+    import cv2
+
+    d = OUT / "memcheck"
+    d.mkdir(parents=True, exist_ok=True)
+    scenes = sorted((it for it in items if it["kind"] == "scene"), key=lambda it: it["width"] * it["height"])
     cams = [it["path"] for it in items if it["kind"] == "camera"][:3]
-    seq = (scenes + cams + scenes) * 2
+    extra = []
+    if cams:
+        full = cv2.imread(cams[0], cv2.IMREAD_COLOR)
+        for name, w in (("square.jpg", 3000), ("portrait.jpg", 2200)):
+            p = d / name
+            if not p.exists():
+                cv2.imwrite(str(p), full[:, :w], [cv2.IMWRITE_JPEG_QUALITY, 90])
+            extra.append(str(p))
+    small = [it["path"] for it in scenes[:: max(1, len(scenes) // 8)]]
+    return small + cams + extra + small[:4]
+
+
+def measure_memseq(items: list[dict], pipeline_json: str, reps: int = 2) -> dict:
+    """``memcheck_sequence`` twice over, per variant; the variants alternate so that load drift
+    hits them alike."""
+    seq = memcheck_sequence(items) * 2
     lst = OUT / "run" / "memseq-list.json"
     lst.parent.mkdir(parents=True, exist_ok=True)
     lst.write_text(json.dumps(seq))

@@ -1,9 +1,13 @@
 """A pool of inference worker processes, one file at a time each, with crash and hang isolation.
 
 Each worker loads the pipeline once, then takes ``Task``s over its own pipe and answers with an
-outcome. Workers never write to the database (one writer: the parent); they may read it to skip
-content already analysed under the current model bundle. A worker that dies (segfault, abort,
-OOM kill) or exceeds ``file_timeout`` on a file is replaced, and the file comes back as
+outcome, in order. A worker holds up to ``depth`` tasks (default 2: the one it is analysing and
+the next one, already in its pipe), so it never waits for the parent to record a result and
+hand it more work; a task that was queued but not started when its worker died is handed to the
+replacement worker as if nothing had happened (only the task being analysed counts as crashed).
+Workers never write to the database (one writer: the parent); they may read it to skip content
+already analysed under the current model bundle. A worker that dies (segfault, abort, OOM kill)
+or exceeds ``file_timeout`` on a file is replaced, and the file comes back as
 :class:`Crashed` so the writer can retry it a bounded number of times and then quarantine it.
 """
 
@@ -14,6 +18,7 @@ import multiprocessing as mp
 import os
 import time
 import traceback
+from collections import deque
 from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
 
@@ -77,7 +82,6 @@ def _worker_main(conn: Connection, cfg: PipelineConfig, db_url: str | None, thre
     """Entry point of a worker process."""
     from daemon.pipeline.analyze import load_pipeline
     from daemon.store.engine import open_engine
-    from daemon.store.writer import analysed
 
     marker = os.environ.get(ABORT_MARKER_ENV)
     try:
@@ -87,13 +91,18 @@ def _worker_main(conn: Connection, cfg: PipelineConfig, db_url: str | None, thre
         conn.send(("error", f"{type(err).__name__}: {err}"))
         return
     conn.send(("ready", pipeline.bundle_key, pipeline.bundle))
+    todo: deque = deque()
     while True:
         try:
-            task = conn.recv()
+            if not todo:
+                todo.append(conn.recv())
+            while conn.poll(0):  # a stop request overtakes queued tasks: stop after the current file
+                todo.append(conn.recv())
         except EOFError:
             return
-        if task is None:
+        if None in todo:
             return
+        task = todo.popleft()
         if marker and marker in task.path:
             os.abort()
         conn.send(_process(pipeline, engine, task))
@@ -131,17 +140,26 @@ class _Worker:
         self.proc = ctx.Process(target=_worker_main, args=(child, cfg, db_url, threads), daemon=True)
         self.proc.start()
         child.close()
-        self.task: Task | None = None
-        self.since = 0.0
+        self.tasks: deque[Task] = deque()  # sent and not answered yet, in order; tasks[0] is running
+        self.since = 0.0  # when tasks[0] started (at the latest)
+
+    @property
+    def task(self) -> Task | None:
+        return self.tasks[0] if self.tasks else None
 
 
 class WorkerPool:
-    """``n`` worker processes. Use from one thread: ``submit`` when ``free()``, then ``poll``."""
+    """``n`` worker processes. Use from one thread: ``submit`` when ``free()``, then ``poll``.
+
+    ``free()`` counts task slots: each worker takes up to ``depth`` tasks (the one it analyses
+    and ``depth - 1`` queued behind it), so that it never idles while the caller records.
+    """
 
     def __init__(self, n: int, cfg: PipelineConfig, *, db_url: str | None, file_timeout: float = 120.0,
-                 threads: int = 1, start_timeout: float = 300.0) -> None:
+                 threads: int = 1, start_timeout: float = 300.0, depth: int = 2) -> None:
         self.n, self.cfg, self.db_url, self.file_timeout, self.threads = n, cfg, db_url, file_timeout, threads
         self.start_timeout = start_timeout
+        self.depth = max(1, depth)
         self._ctx = mp.get_context("spawn")
         self._workers: list[_Worker] = []
         self.bundle_key = ""
@@ -169,19 +187,26 @@ class WorkerPool:
         self.bundle_key, self.bundle = msg[1], msg[2]
 
     def free(self) -> int:
-        return sum(w.task is None for w in self._workers)
+        return sum(self.depth - len(w.tasks) for w in self._workers)
 
     def busy(self) -> list[Task]:
-        return [w.task for w in self._workers if w.task is not None]
+        """Every task handed out and not answered yet (analysing or queued)."""
+        return [t for w in self._workers for t in w.tasks]
 
     def submit(self, task: Task) -> None:
-        w = next(w for w in self._workers if w.task is None)
-        w.task, w.since = task, time.monotonic()
+        """Give ``task`` to the least loaded worker (an idle one first)."""
+        w = min((w for w in self._workers if len(w.tasks) < self.depth), key=lambda w: len(w.tasks))
+        self._send(w, task)
+
+    def _send(self, w: _Worker, task: Task) -> None:
+        if not w.tasks:
+            w.since = time.monotonic()
+        w.tasks.append(task)
         w.conn.send(task)
 
     def poll(self, timeout: float) -> list[Outcome]:
         """Wait up to ``timeout`` s for outcomes; replaces dead or hung workers."""
-        active = [w for w in self._workers if w.task is not None]
+        active = [w for w in self._workers if w.tasks]
         out: list[Outcome] = []
         if not active:
             if timeout > 0:
@@ -190,33 +215,43 @@ class WorkerPool:
         ready = wait([w.conn for w in active] + [w.proc.sentinel for w in active], timeout)
         now = time.monotonic()
         for i, w in enumerate(self._workers):
-            if w.task is None:
+            if not w.tasks:
                 continue
             if w.conn in ready:
                 try:
-                    out.append(w.conn.recv())
-                    w.task = None
-                    continue
+                    while w.tasks and w.conn.poll(0):  # every answer already there, in order
+                        out.append(w.conn.recv())
+                        w.tasks.popleft()
+                        w.since = now  # the next queued task started when this answer was sent
                 except (EOFError, OSError):
                     pass
+                if not w.tasks:
+                    continue
+                if w.proc.is_alive() and w.proc.sentinel not in ready and now - w.since <= self.file_timeout:
+                    continue
             dead = w.proc.sentinel in ready or not w.proc.is_alive()
             hung = now - w.since > self.file_timeout
             if dead or hung:
                 if hung and not dead:
                     w.proc.kill()
                 w.proc.join(5)
+                task = w.tasks.popleft()
                 reason = "worker_timeout" if hung and not dead else "worker_crashed"
                 detail = (f"analysis took longer than {self.file_timeout:.0f} s; the worker was killed" if reason == "worker_timeout"
                           else f"the worker process died (exit code {w.proc.exitcode}) while analysing this file")
-                log.error("%s: %s", w.task.path, detail)
-                out.append(Crashed(w.task.file_id, reason, detail))
+                log.error("%s: %s", task.path, detail)
+                out.append(Crashed(task.file_id, reason, detail))
+                queued = list(w.tasks)
                 self._workers[i] = self._spawn()
                 self._await_ready(self._workers[i])
                 self.restarts += 1
+                for t in queued:  # never started: the replacement takes them, no attempt counted
+                    self._send(self._workers[i], t)
         return out
 
     def close(self) -> None:
-        """Stop the workers (after their current file)."""
+        """Stop the workers (after their current file; queued tasks are dropped: callers
+        release what ``busy()`` still lists)."""
         for w in self._workers:
             try:
                 w.conn.send(None)

@@ -15,6 +15,7 @@ chips). The file on disk, and the hash the bundle records, are unchanged.
 
 from __future__ import annotations
 
+import ctypes
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -58,18 +59,28 @@ class Session:
         opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         opts.log_severity_level = 3
-        # Memory (measured by benchmarks/bench.py --memcheck and the arena experiments in
-        # benchmarks/README.md): the detector's inputs change shape with every image, and a
-        # memory *pattern* (one pre-planned block per input shape) is what made a worker grow
-        # with the arena on. Without patterns the arena only holds the largest activation set
-        # the detector's input cap allows (max_side), and it is reused: no page faults per
-        # run. With the arena off every large activation is mmap-ed and faulted in again on
-        # every run, which cost ~35% of the detector's time in system CPU on this machine.
+        # Memory (benchmarks/bench.py --memcheck; figures in benchmarks/README.md). The
+        # detector's input changes shape with every image. With the arena off every large
+        # activation is mmap-ed and faulted in again on every run (~35% of the detector's time
+        # went to system CPU); a memory *pattern* (one pre-planned block per input shape) and
+        # per-session arenas that grow region by region made a worker's memory climb with each
+        # new shape (0.65 GiB after a mix of sizes). So: no patterns, and one arena for all the
+        # sessions of the process whose first region (ARENA_INITIAL_BYTES, reserved, only
+        # touched pages count) holds everything the detector needs at max_side 1280, so that
+        # every shape reuses the same pages (0.47 GiB after the same mix).
         opts.enable_cpu_mem_arena = True
         opts.enable_mem_pattern = False
+        if _shared_arena():
+            opts.add_session_config_entry("session.use_env_allocators", "1")
         try:
             model = flush_denormals(path)
             self._session = ort.InferenceSession(model if model is not None else str(path), sess_options=opts, providers=[PROVIDER])
+            if model is not None:
+                # onnxruntime's wrapper keeps the serialized model "indefinitely" (its own TODO),
+                # only to rebuild the session on a provider fallback, which a CPU-only session
+                # never does: let the bytes go (10.7 MB for age-v1 in every worker).
+                self._session._model_bytes = None
+            del model
         except Exception as err:  # onnxruntime raises several unrelated types
             raise ModelLoadError(
                 f"{self.name}: could not load {path} as an ONNX model ({err}); "
@@ -88,12 +99,44 @@ class Session:
                 f"{self.name}: {path} must have {', '.join(problems)}; it has inputs {have_in} "
                 f"and outputs {have_out}. Is this the right model file for this role?"
             )
+        # parsing the graph here and in onnxruntime leaves freed pages in the C heap, which later
+        # allocations would fragment: hand them back now (-35 MB of RSS per worker, measured)
+        _trim_heap()
         self.input_shapes = {i.name: list(i.shape) for i in self._session.get_inputs()}
         self.output_names = list(outputs) if outputs is not None else have_out
 
     def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         """Run the graph; returns the expected outputs in the order given at load time."""
         return self._session.run(self.output_names, feeds)
+
+
+_ARENA: list[bool] = []  # registered once per process (onnxruntime's environment is global)
+# The first region of the shared arena: a 1280x1280 detector input and the classifiers fit in it
+# (384 MiB did not: a second region followed, with its own pages). Virtual until touched.
+ARENA_INITIAL_BYTES = 512 << 20
+
+
+def _shared_arena() -> bool:
+    """Register one CPU arena for every session of this process (no cap; grows by powers of two
+    beyond its first region, for detector inputs larger than max_side 1280 allows)."""
+    if not _ARENA:
+        try:
+            cfg = ort.OrtArenaCfg(0, 0, ARENA_INITIAL_BYTES, -1)  # max_mem 0: none; 0: kNextPowerOfTwo
+            info = ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT)
+            ort.create_and_register_allocator(info, cfg)
+            _ARENA.append(True)
+        except Exception as err:  # noqa: BLE001 - an older onnxruntime: each session keeps its own arena
+            log.debug("no shared onnxruntime arena (%s); sessions use their own", err)
+            _ARENA.append(False)
+    return _ARENA[0]
+
+
+def _trim_heap() -> None:
+    """Give the C heap's free pages back to the system (glibc), after parsing a model."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
 
 
 def flush_denormals(path: str | Path) -> bytes | None:
