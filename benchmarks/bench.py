@@ -295,6 +295,8 @@ VARIANTS = {
     "own_arenas": {"shared_arena": False},
     "arena_off": {"sess": {"enable_cpu_mem_arena": False, "enable_mem_pattern": True}},
     "int8": {"detector_model": "var/quant/centerface-int8-minmax.onnx"},
+    # what the infrastructure costs without the optional models: gender once per face, no age
+    "lean": {"pipeline": {"gender": {"flip_tta": False}, "age": {"enabled": False}}},
 }
 VARIANT_ENV = "FORENSIC_GENDER_BENCH_VARIANT"
 
@@ -358,7 +360,10 @@ def child_scan(args: argparse.Namespace) -> int:
     from daemon import scan as scan_mod
     from daemon.config import parse
 
-    cfg = parse({"database": args.db, "pipeline": json.loads(args.pipeline or "{}")}, check_paths=False)
+    pipe = json.loads(args.pipeline or "{}")
+    for section, values in json.loads(args.variant or "{}").get("pipeline", {}).items():
+        pipe[section] = {**pipe.get(section, {}), **values}
+    cfg = parse({"database": args.db, "pipeline": pipe}, check_paths=False)
     seconds: dict[str, float] = {}
     faces: dict[str, list] = {}
     per_image: dict[str, float] = {}

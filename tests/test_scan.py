@@ -149,3 +149,37 @@ def test_postgres_scan(tmp_path: Path, dev_data: Path, models_ready: None, pg_ur
         assert c.execute(text("select count(*) from files where state='done'")).scalar() == 4
         assert c.execute(text("select count(*) from analyses")).scalar() == 3
     eng.dispose()
+
+
+def test_worker_crash_hands_queued_tasks_to_the_replacement(tmp_path: Path, models_ready: None, monkeypatch) -> None:  # noqa: ANN001
+    """A worker holds two tasks (the one it analyses, the next in its pipe); when it dies on the
+    first, only that one comes back as Crashed and the queued one is analysed by the new worker."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from daemon.config import parse
+    from daemon.workers import ABORT_MARKER_ENV, Analysed, Crashed, Task, WorkerPool
+
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (48, 64, 3), dtype=np.uint8)).save(buf, "JPEG")
+    (tmp_path / "CRASHME.jpg").write_bytes(buf.getvalue())
+    (tmp_path / "fine.jpg").write_bytes(buf.getvalue())
+    monkeypatch.setenv(ABORT_MARKER_ENV, "CRASHME")
+    pool = WorkerPool(1, parse({}, check_paths=False).pipeline, db_url=None, depth=2)
+    pool.start()
+    try:
+        assert pool.free() == 2
+        pool.submit(Task(1, str(tmp_path / "CRASHME.jpg")))
+        pool.submit(Task(2, str(tmp_path / "fine.jpg")))
+        assert pool.free() == 0 and [t.file_id for t in pool.busy()] == [1, 2]
+        got: list = []
+        for _ in range(600):  # bounded: 600 polls of up to 0.5 s
+            got += pool.poll(0.5)
+            if len(got) == 2:
+                break
+        assert [type(o) for o in got] == [Crashed, Analysed] and [o.file_id for o in got] == [1, 2]
+        assert got[0].reason == "worker_crashed" and pool.restarts == 1 and pool.busy() == []
+    finally:
+        pool.close()
