@@ -38,11 +38,14 @@ def set_threads(n: int) -> None:
 
 
 def resize(image: np.ndarray, width: int, height: int) -> np.ndarray:
-    """Resize to ``width`` x ``height`` (area averaging when shrinking, bilinear otherwise)."""
+    """Resize to ``width`` x ``height``: area averaging when shrinking by 2 or more, bilinear
+    otherwise. Bilinear is how CenterFace's authors feed it; below a factor of 2 it drops no
+    pixel, and OpenCV's area averaging at a fractional ratio costs 8x more (19 ms against 2.5 ms
+    from a 2000x1500 DCT-reduced 12 MP decode to 1280x960: 6% of such a photo's analysis)."""
     if image.shape[1] == width and image.shape[0] == height:
         return image
-    shrink = width < image.shape[1]
-    return cv2.resize(image, (width, height), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
+    area = width * 2 <= image.shape[1]
+    return cv2.resize(image, (width, height), interpolation=cv2.INTER_AREA if area else cv2.INTER_LINEAR)
 
 
 def similarity_transform(src: np.ndarray, dst: np.ndarray) -> np.ndarray:

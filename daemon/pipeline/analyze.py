@@ -124,6 +124,11 @@ class Classifier:
             return align.loose_crops(bgr, dets.boxes, self.spec.size)
         return align.align_faces(bgr, dets.landmarks, self.spec.size, padding=self.spec.padding)
 
+    def same_chips(self, other: Classifier) -> bool:
+        """Whether ``other`` cuts the same chips (then they are cut once for both)."""
+        a, b = self.spec, other.spec
+        return (a.kind, a.size, a.padding) == (b.kind, b.size, b.padding)
+
     def probabilities(self, chips: np.ndarray) -> np.ndarray:
         """(N, K) checked probabilities for uint8 BGR chips, one batch for all faces."""
         s = self.spec
@@ -184,11 +189,14 @@ class Pipeline:
         t1 = time.perf_counter()
         if not len(dets):
             return [], {"detect": t1 - t0, "classify": 0.0}
-        pg = self.gender.probabilities(self.gender.chips(bgr, dets))
+        chips = self.gender.chips(bgr, dets)
+        pg = self.gender.probabilities(chips)
         labels = classify.decide(pg[:, 1], self.cfg.gender.threshold, self.cfg.gender.uncertain_margin)
         ages = stds = None
         if self.age is not None:
-            ages, stds = classify.age_statistics(self.age.probabilities(self.age.chips(bgr, dets)))
+            if not self.age.same_chips(self.gender):
+                chips = self.age.chips(bgr, dets)
+            ages, stds = classify.age_statistics(self.age.probabilities(chips))
         t2 = time.perf_counter()
         full = dets.transformed(scale)
         faces = []
