@@ -11,15 +11,24 @@ second path), 1,000 failed files never hashed, 500 reviews. Then each query of t
 commands and each page of the review page (through Starlette's in-process client: routing,
 query, template, no network) is timed: the median of ``--repeat`` runs after one warm-up.
 Results go to ``benchmarks/out/query_bench-<dialect>.json`` and are printed as a table.
+
+Deep pages: the row halfway down the face list (the 50,000th of 100,000) and the 20,000th image.
+The review page's links carry keyset positions (``after=`` the sort key of the last row shown);
+the deep page is timed through the "next" link that the page ending just before that row
+emits, as an analyst clicking through would get it. The same page by ``offset=`` (still
+accepted, for old links and scripts) is timed too, for comparison. The query commands' figures
+include the exact count they print; the page counts up to 10,000 ("more than 10,000").
 """
 
 from __future__ import annotations
 
 import argparse
 import hashlib
+import html
 import json
 import os
 import random
+import re
 import statistics
 import sys
 import tempfile
@@ -133,8 +142,35 @@ QUERIES = [
     ("faces: sha256 prefix", {"sha256": "SHA8"}),
     ("faces: every bundle", {"bundle": "all"}),
     ("faces: older bundle", {"bundle": OLD}),
-    ("faces: page at offset 50,000", {"offset": "50000"}),
+    ("faces: page at offset DEEP", {"offset": "DEEP"}),
+    ("faces: page after row DEEP (keyset)", {"after": "ROW"}),
+    ("faces: -p_male, page after row DEEP (keyset)", {"sort": "-p_male", "after": "ROW"}),
+    ("faces: age, page after row DEEP (keyset)", {"sort": "age", "after": "ROW"}),
+    ("faces: final gender male, page at offset DEEP/4", {"final_gender": "male", "offset": "DEEP/4"}),
 ]
+
+
+def deep(facts: dict) -> int:
+    """The row number of the deep page: halfway down the face list (50,000 of 100,000)."""
+    return facts["faces_latest"] // 2
+
+
+def _vals(vals: dict, facts: dict) -> dict:
+    n = deep(facts)
+    return {k: {"SHA8": facts["sha"][:8], "DEEP": str(n), "DEEP/4": str(n // 4)}.get(v, v) for k, v in vals.items()}
+
+
+def _label(name: str, facts: dict) -> str:
+    n = deep(facts)
+    return name.replace("DEEP/4", f"{n // 4:,}").replace("DEEP", f"{n:,}")
+
+
+def row_position(c, f, sc, row: int) -> str:  # noqa: ANN001
+    """The keyset position of row ``row`` (1-based) of ``f``'s list: what the "next" link of the
+    page ending with that row carries."""
+    from daemon.queries import read
+
+    return read.face_page(c, f.page(1, row - 1), sc).next  # the page of that one row: "next" is after it
 
 
 def run_queries(url: str, facts: dict, repeat: int) -> list[tuple[str, float, int, str]]:
@@ -145,16 +181,19 @@ def run_queries(url: str, facts: dict, repeat: int) -> list[tuple[str, float, in
     engine = open_engine(url, readonly=True)
     with engine.connect() as c:
         for name, vals in QUERIES:
-            vals = {k: (facts["sha"][:8] if v == "SHA8" else v) for k, v in vals.items()}
-            f = parse({"limit": "50", **vals})
+            vals = _vals(vals, facts)
+            f = parse({"limit": "50", **{k: v for k, v in vals.items() if v != "ROW"}})
             sc = read.scope(c, f, Cut())
+            if "ROW" in vals.values():
+                f = f.seek(after=row_position(c, f, sc, deep(facts)))
 
             def q(f=f, sc=sc):  # noqa: ANN001, ANN202
                 rows = list(read.faces(c, f, sc))
                 return len(rows), read.count_faces(c, f.page(None), sc)
 
             sec, (n, total) = timed(q, repeat)
-            out.append((name, sec, n, f"{total} match"))
+            out.append((_label(name, facts), sec, n, f"{total} match"))
+            c.rollback()
         for name, vals in (("images: first page", {}), ("images: with a female face", {"gender": "female"}),
                            ("images: failed", {"status": "failed"}), ("images: most faces first", {"sort": "-faces"})):
             f = parse({"limit": "50", **vals})
@@ -209,12 +248,19 @@ PAGES = [
     ("page /faces possible minors, width>=30", "/faces?minors=possible&width_min=30"),
     ("page /faces path glob", "/faces?path_glob=*/dir01*/*"),
     ("page /faces reviewed", "/faces?review=reviewed"),
-    ("page /faces offset 50,000", "/faces?offset=50000"),
+    ("page /faces final gender male", "/faces?final_gender=male"),
+    ("page /faces every bundle", "/faces?bundle=all"),
+    ("page /faces next link at row {deep:,}", "NEXT /faces?offset={before}"),
+    ("page /faces -p_male, next link at row {deep:,}", "NEXT /faces?sort=-p_male&offset={before}"),
+    ("page /faces (old link) offset {deep:,}", "/faces?offset={deep}"),
     ("page /images", "/images"),
     ("page /images with a minor", "/images?minors=likely"),
+    ("page /images most faces first", "/images?sort=-faces"),
+    ("page /images next link at image {deep_images:,}", "NEXT /images?offset={before_images}"),
     ("page /stats", "/stats"),
-    ("page /faces/{id}", "/faces/{face_id}"),
-    ("page /images/{sha256}", "/images/{sha}"),
+    ("page /stats root case-b, female", "/stats?root=/evidence/case-b&gender=female"),
+    ("page /faces/{{id}}", "/faces/{face_id}"),
+    ("page /images/{{sha256}}", "/images/{sha}"),
 ]
 
 
@@ -226,9 +272,17 @@ def run_pages(url: str, facts: dict, repeat: int) -> list[tuple[str, float, int,
 
     app = create_app(config.parse({"database": url}, check_paths=False), port=8765)
     client = TestClient(app, base_url="http://127.0.0.1:8765")
+    n, n_images = deep(facts), facts["images"] // 2
+    where = {**facts, "deep": n, "before": n - 50, "deep_images": n_images, "before_images": n_images - 50}
     out = []
     for name, path in PAGES:
-        path = path.format(**facts)
+        path = path.format(**where)
+        if path.startswith("NEXT "):  # the "next" link of the page ending just before the row: a keyset position
+            page = client.get(path[5:])
+            m = re.search(r'id="next" href="([^"]+)"', page.text)
+            assert page.status_code == 200 and m, (path, page.status_code)
+            path = path[5:].split("?")[0] + html.unescape(m.group(1))
+            assert "after=" in path and "offset=" not in path, path
 
         def get(path=path):  # noqa: ANN001, ANN202
             r = client.get(path)
@@ -236,7 +290,7 @@ def run_pages(url: str, facts: dict, repeat: int) -> list[tuple[str, float, int,
             return r
 
         sec, r = timed(get, repeat)
-        out.append((name, sec, len(r.content), "bytes of HTML"))
+        out.append((name.format(**where), sec, len(r.content), "bytes of HTML"))
     app.close()
     return out
 
@@ -271,7 +325,7 @@ def main() -> int:
             results += part
             for name, sec, n, note in part:  # printed as they come: a long run interrupted still reports
                 flag = "" if sec < 1.0 or name.startswith("export") else "   <-- over 1 s"
-                print(f"{name:<44}  {sec * 1000:9.1f} ms  {n:>8}  {note}{flag}", flush=True)
+                print(f"{name:<50}  {sec * 1000:9.1f} ms  {n:>8}  {note}{flag}", flush=True)
         load = {"before": [round(x, 2) for x in load_before], "after": [round(x, 2) for x in os.getloadavg()]}
         Path(args.out).mkdir(parents=True, exist_ok=True)
         dest = Path(args.out) / f"query_bench-{dialect}.json"

@@ -56,6 +56,7 @@ TEMPLATES = Path(__file__).parent / "templates"
 SHA_RE = re.compile(r"^[0-9a-f]{64}$")
 PAGE_SIZE = 50
 MAX_PAGE = 500
+COUNT_CAP = 10_000  # the faces page counts matches up to this, then says "more than"
 MAX_FORM_BYTES = 16 * 1024
 DISPLAY_SIDE = 2048
 CACHE_BYTES = 256 * 1024 * 1024
@@ -140,32 +141,36 @@ def create_app(cfg: Config, *, review: bool = True, hosts: tuple[str, ...] = ("1
 
     def parse_filters(request: Request) -> flt.Filters:
         f = flt.parse(list(request.query_params.multi_items()))
-        limit = min(f.limit or PAGE_SIZE, MAX_PAGE)
-        return f.page(limit, f.offset)
+        return replace(f, limit=min(f.limit or PAGE_SIZE, MAX_PAGE))
 
-    def links(f: flt.Filters, total: int | None, shown: int) -> dict:
-        def url(offset: int) -> str:
-            return "?" + urlencode(f.page(f.limit, offset).to_params())
+    def links(f: flt.Filters, page: read.Page) -> dict:
+        """The pager: next and previous pages by keyset position (``after=`` / ``before=`` the
+        sort key of the last / first row shown), and the first page."""
+        def url(g: flt.Filters) -> str:
+            return "?" + urlencode(g.to_params())
 
-        prev = url(max(0, f.offset - f.limit)) if f.offset > 0 else None
-        more = (f.offset + shown < total) if total is not None else shown == f.limit
-        return {"prev": prev, "next": url(f.offset + f.limit) if more else None, "self": "?" + urlencode(f.to_params())}
+        top = f.page(f.limit)
+        return {"next": url(f.seek(after=page.next)) if page.next else None,
+                "prev": url(f.seek(before=page.prev)) if page.prev else None,
+                "first": url(top) if page.prev else None, "self": url(f)}
 
     def page_faces(request: Request) -> Response:
         try:
             f = parse_filters(request)
         except flt.FilterError as err:
-            return render(request, "faces.html", status=400, problems=err.problems, rows=[], f=flt.Filters(), total=0, pager={}, q={}, roots=[], bundles=[])
+            return render(request, "faces.html", status=400, problems=err.problems, rows=[], f=flt.Filters(), total=0, cap=COUNT_CAP,
+                          pager={}, q={}, roots=[], bundles=[])
         with st.engine.connect() as conn:
             try:
                 sc = read.scope(conn, f, st.cut)
-                rows = list(read.faces(conn, f, sc))
-                total = read.count_faces(conn, f.page(None), sc)
+                page = read.face_page(conn, f, sc)
+                total = read.count_faces(conn, f.page(None), sc, cap=COUNT_CAP)
             except flt.FilterError as err:
-                return render(request, "faces.html", status=400, problems=err.problems, rows=[], f=f, total=0, pager={}, q=_q(f), roots=[], bundles=[])
+                return render(request, "faces.html", status=400, problems=err.problems, rows=[], f=f, total=0, cap=COUNT_CAP, pager={},
+                              q=_q(f), roots=[], bundles=[])
             roots, bundles = read.recorded_roots(conn), _bundles(conn)
-        return render(request, "faces.html", rows=rows, f=f, total=total, pager=links(f, total, len(rows)), q=_q(f), cut=sc.cut,
-                      problems=[], roots=roots, bundles=bundles)
+        return render(request, "faces.html", rows=page.rows, f=f, total=total, cap=COUNT_CAP, pager=links(f, page), q=_q(f), cut=sc.cut,
+                      problems=[], roots=roots, bundles=bundles, stats_q=urlencode(f.to_params(paging=False)), top=page.prev is None)
 
     def page_images(request: Request) -> Response:
         try:
@@ -174,11 +179,11 @@ def create_app(cfg: Config, *, review: bool = True, hosts: tuple[str, ...] = ("1
                 f = replace(f, sort="path")
             with st.engine.connect() as conn:
                 sc = read.scope(conn, f, st.cut)
-                rows = list(read.images(conn, f, sc))
+                page = read.image_page(conn, f, sc)
                 roots, bundles = read.recorded_roots(conn), _bundles(conn)
         except flt.FilterError as err:
             return render(request, "images.html", status=400, problems=err.problems, rows=[], f=flt.Filters(), pager={}, q={}, roots=[], bundles=[])
-        return render(request, "images.html", rows=rows, f=f, pager=links(f, None, len(rows)), q=_q(f), cut=sc.cut, problems=[],
+        return render(request, "images.html", rows=page.rows, f=f, pager=links(f, page), q=_q(f), cut=sc.cut, problems=[],
                       roots=roots, bundles=bundles)
 
     def _cut_from(request: Request) -> flt.Filters:

@@ -372,7 +372,7 @@ def test_show_detail(synth) -> None:  # noqa: ANN001
 def test_queries_work_on_a_version_1_database(tmp_path) -> None:  # noqa: ANN001
     """A database not yet migrated to the reviews table is still readable (read-only commands
     never migrate); a writable open migrates it and keeps the data."""
-    from sqlalchemy import create_engine
+    from sqlalchemy import create_engine, inspect
 
     from daemon.store import schema
 
@@ -385,8 +385,12 @@ def test_queries_work_on_a_version_1_database(tmp_path) -> None:  # noqa: ANN001
     build_synth(url)  # migrates to the current version on open
     engine = open_engine(url, readonly=True)
     with engine.connect() as c:
-        assert schema_version(c) == SCHEMA_VERSION == 2
+        assert schema_version(c) == SCHEMA_VERSION == 3
         assert rv.has_reviews(c)
+        # version 3: the face sort indexes end with the face id (keyset pages), replacing version 1's
+        names = {ix["name"]: ix["column_names"] for ix in inspect(c).get_indexes("faces")}
+        assert names["ix_faces_p_male_id"] == ["p_male", "id"] and names["ix_faces_age_id"] == ["age", "id"]
+        assert "ix_faces_p_male" not in names and "ix_faces_score" not in names
     engine.dispose()
     # a v1 database without the table: reads work, reviews are simply absent
     url1 = f"sqlite:///{tmp_path / 'v1b.db'}"
@@ -406,7 +410,7 @@ def test_queries_work_on_a_version_1_database(tmp_path) -> None:  # noqa: ANN001
 
 
 def test_migration_adds_reviews_to_existing_data(db_url) -> None:  # noqa: ANN001
-    from sqlalchemy import text
+    from sqlalchemy import inspect, text
 
     from daemon.store import engine as eng_mod
 
@@ -418,8 +422,13 @@ def test_migration_adds_reviews_to_existing_data(db_url) -> None:  # noqa: ANN00
     engine.dispose()
     engine = open_store_engine(db_url)
     with engine.connect() as c:
-        assert schema_version(c) == 2 and rv.has_reviews(c)
+        assert schema_version(c) == SCHEMA_VERSION == 3 and rv.has_reviews(c)
         assert c.execute(text("SELECT count(*) FROM bundles")).scalar_one() == 1
+        faces_ix = {ix["name"]: ix["column_names"] for ix in inspect(c).get_indexes("faces")}
+        assert {k: v for k, v in faces_ix.items() if k.endswith("_id")} == {
+            "ix_faces_p_male_id": ["p_male", "id"], "ix_faces_age_id": ["age", "id"], "ix_faces_width_id": ["width_px", "id"],
+            "ix_faces_score_id": ["score", "id"]}
+        assert not {"ix_faces_p_male", "ix_faces_age", "ix_faces_width", "ix_faces_score"} & set(faces_ix)
     engine.dispose()
 
 
@@ -582,3 +591,196 @@ def test_review_command(real_db, capsys) -> None:  # noqa: ANN001
     assert [(g["face_id"], g["review_label"], g["review_note"]) for g in got] == [(face["face_id"], "not_face", "a poster")]
     code, _, err = _cli(capsys, "review", *db, str(face["face_id"]), "--status", "corrected")
     assert code == 2 and "a correction needs a label" in err
+
+
+# --------------------------------------------------------------------------------------------
+# Keyset paging: every row exactly once, in order, both ways, among many equal sort keys
+
+
+def build_ties(url: str) -> None:
+    """A database whose sort keys tie a lot: p(male) in {0.2, 0.5, 0.8}, half the ages unknown,
+    two widths, one score, several faces per image (one path for all), two bundles, paths seen
+    at the same time, contents at two paths, and two contents no recorded path holds."""
+    import hashlib
+
+    from sqlalchemy import insert
+
+    from daemon.store import schema as s
+
+    engine = open_store_engine(url)
+    with engine.begin() as c:
+        c.execute(insert(s.bundles), [{"key": B1, "spec": "{}", "created": T0}, {"key": B2, "spec": "{}", "created": T0 + 10}])
+        for i in range(1, 13):
+            sha = hashlib.sha256(f"tie{i}".encode()).hexdigest()
+            iid = c.execute(insert(s.images).values(sha256=sha, md5="0" * 32, size=1000 + i % 3, format="jpeg", width=640, height=480,
+                                                    orientation=1, frames=1, first_seen=T0 + i // 3)).inserted_primary_key[0]
+            paths = [] if i > 10 else [f"/ev/t{i % 4}/img{i:02d}.jpg"] + ([f"/ev2/copy/img{i:02d}.jpg"] if i % 3 == 0 else [])
+            for path in paths:
+                c.execute(insert(s.files).values(path=path, root=path[:path.index("/", 1)], size=1, mtime_ns=1, state="done", image_id=iid,
+                                                 attempts=1, first_seen=T0 + 10 * (i // 3), last_seen=T0, updated=T0))
+            for bundle in ([B1, B2] if i % 2 == 0 else [B1]):
+                aid = c.execute(insert(s.analyses).values(image_id=iid, bundle=bundle, faces=0, seconds=0.1, host="h",
+                                                          created=T0 + 100 + i)).inserted_primary_key[0]
+                for k in range(i % 4 + 1):
+                    w = (40.0, 80.0)[k % 2]
+                    p = (0.2, 0.5, 0.8)[(i + k) % 3]
+                    c.execute(insert(s.faces).values(
+                        analysis_id=aid, idx=k, x1=10.0 + 100 * k, y1=10.0, x2=10.0 + 100 * k + w, y2=10.0 + w, score=0.9, landmarks="[]",
+                        width_px=w, p_male=p, p_female=1 - p, gender="female", age=None if (i + k) % 2 else (20.0, 30.0)[k % 2],
+                        age_std=None if (i + k) % 2 else 2.0))
+        c.execute(insert(s.files).values(path="/ev/bad.jpg", root="/ev", size=0, mtime_ns=0, state="failed", image_id=None, attempts=1,
+                                         reason="truncated", first_seen=T0, last_seen=T0, updated=T0))
+    engine.dispose()
+
+
+def _expected_order(rows: list[dict], sort: str) -> list[int]:
+    """The documented order, computed in Python: the sort key, then the face id, the whole key
+    reversed for a descending sort; faces without the key's value (no age, no current path)
+    last either way."""
+    key, desc = sort.lstrip("-"), sort.startswith("-")
+    primary = {"path": lambda r: (r["path"], r["sha256"], r["analysis_id"], r["idx"]),
+               "sha256": lambda r: (r["sha256"], r["analysis_id"], r["idx"]),
+               "seen": lambda r: (r["seen"],), "age": lambda r: (r["age"],), "p_male": lambda r: (r["p_male"],),
+               "width": lambda r: (r["width_px"],), "score": lambda r: (r["score"],), "id": lambda r: ()}[key]
+    known = [r for r in rows if r[{"path": "path", "seen": "seen", "age": "age"}.get(key, "face_id")] is not None]
+    unknown = [r for r in rows if r not in known]
+    if key == "path":  # no current path: ordered by content, as the rest
+        tail = sorted(unknown, key=lambda r: (r["sha256"], r["analysis_id"], r["idx"], r["face_id"]), reverse=desc)
+    else:
+        tail = sorted(unknown, key=lambda r: r["face_id"], reverse=desc)
+    return [r["face_id"] for r in sorted(known, key=lambda r: (*primary(r), r["face_id"]), reverse=desc) + tail]
+
+
+def _walk(c, f: Filters, sc: read.Scope) -> tuple[list[list[int]], list[list[int]]]:  # noqa: ANN001
+    """Pages read by following next positions from the top, then previous ones from the last."""
+    forward, back = [], []
+    page = read.face_page(c, f, sc)
+    assert page.prev is None
+    while True:
+        forward.append([r["face_id"] for r in page.rows])
+        if page.next is None:
+            break
+        page = read.face_page(c, f.seek(after=page.next), sc)
+        assert page.prev is not None
+    while True:
+        back.append([r["face_id"] for r in page.rows])
+        if page.prev is None:
+            break
+        page = read.face_page(c, f.seek(before=page.prev), sc)
+    return forward, back
+
+
+@pytest.fixture
+def ties(db_url: str) -> str:
+    build_ties(db_url)
+    return db_url
+
+
+def test_keyset_pages_give_every_face_once_in_order_both_ways(ties) -> None:  # noqa: ANN001
+    engine = open_engine(ties, readonly=True)
+    with engine.connect() as c:
+        for bundle in ("latest", "all"):
+            for key in flt.FACE_SORTS:
+                for sort in (key, "-" + key):
+                    f = parse({"sort": sort, "bundle": bundle, "limit": "4"})
+                    sc = read.scope(c, f, Cut())
+                    full = list(read.faces(c, f.page(None), sc))
+                    ids = [r["face_id"] for r in full]
+                    assert ids == _expected_order(full, sort), (sort, bundle)
+                    assert len(ids) == len(set(ids)) == (30 if bundle == "latest" else 42)
+                    forward, back = _walk(c, f, sc)
+                    assert [i for p in forward for i in p] == ids, (sort, bundle)  # every face once, in order
+                    assert all(len(p) == 4 for p in forward[:-1]) and 0 < len(forward[-1]) <= 4
+                    assert back == forward[::-1], (sort, bundle)  # previous goes back through the same pages
+                    # the same positions through faces() (the query commands' --after / --before)
+                    mid = read.face_page(c, f, sc).next
+                    assert [r["face_id"] for r in read.faces(c, f.page(None).seek(after=mid), sc)] == ids[4:]
+                    second = read.face_page(c, f.seek(after=mid), sc)
+                    assert [r["face_id"] for r in read.faces(c, f.page(3).seek(before=second.prev), sc)] == ids[1:4]
+                    # with a SHA-256 filter the list is read in one part: the same order
+                    shas = sorted({r["sha256"] for r in full})[:2] + [next(r["sha256"] for r in full if r["path"] is None)]
+                    h = replace(f, sha256=tuple(x[:8] for x in shas))
+                    assert [r["face_id"] for r in read.faces(c, h.page(None), sc)] == [r["face_id"] for r in full if r["sha256"] in shas]
+                    # a filter with the position: the rows after it that match
+                    g = replace(f, gender=("female",))
+                    females = [r["face_id"] for r in read.faces(c, g.page(None), sc)]
+                    walked, _ = _walk(c, g, sc)
+                    assert [i for p in walked for i in p] == females
+    engine.dispose()
+
+
+def test_keyset_images_pages(ties) -> None:  # noqa: ANN001
+    engine = open_engine(ties, readonly=True)
+    with engine.connect() as c:
+        for key in flt.IMAGE_SORTS:
+            for sort in (key, "-" + key):
+                f = parse({"sort": sort, "limit": "3"})
+                sc = read.scope(c, f, Cut())
+                full = [r["path"] for r in read.images(c, f.page(None), sc)]
+                assert len(full) == len(set(full)) == 11  # ten contents with a path and the file never hashed
+                pages, page = [], read.image_page(c, f, sc)
+                while True:
+                    pages.append([r["path"] for r in page.rows])
+                    if page.next is None:
+                        break
+                    page = read.image_page(c, f.seek(after=page.next), sc)
+                assert [x for p in pages for x in p] == full, sort
+                back = []
+                while True:
+                    back.append([r["path"] for r in page.rows])
+                    if page.prev is None:
+                        break
+                    page = read.image_page(c, f.seek(before=page.prev), sc)
+                assert back == pages[::-1], sort
+    engine.dispose()
+
+
+def test_keyset_positions_are_checked(ties) -> None:  # noqa: ANN001
+    engine = open_engine(ties, readonly=True)
+    with engine.connect() as c:
+        for values, message in [
+            ({"sort": "p_male", "after": "0.5"}, "--after: '0.5' has 1 field(s), expected 2; a position in the face list sorted by p_male is "
+                                                 "P_MALE,FACE_ID (follow the page's next and previous links"),
+            ({"sort": "p_male", "before": "high,3"}, "--before: 'high,3' field must be a number, got 'high'"),
+            ({"sort": "id", "after": "3.5"}, "field '3.5' must be a whole number"),
+            ({"sort": "sha256", "after": "XYZ,1,0,3"}, "field 'XYZ' must be a SHA-256 in lower-case hex"),
+        ]:
+            f = parse(values)
+            with pytest.raises(FilterError) as err:
+                list(read.faces(c, f, read.scope(c, f, Cut())))
+            assert message in err.value.problems[0], err.value.problems
+    engine.dispose()
+    for values, message in [({"after": "1", "before": "2"}, "--after/--before: give one of them"),
+                            ({"after": "1", "offset": "5"}, "--offset: cannot be combined with --after")]:
+        with pytest.raises(FilterError) as err:
+            parse(values)
+        assert any(message in p for p in err.value.problems), err.value.problems
+
+
+def test_cursor_text_round_trips() -> None:
+    kinds = (("text", True), ("hex", False), ("int", False), ("int", False), ("int", False))
+    for values in [("/ev/a,b/c d.jpg", "ab12", 3, 0, 17), (None, "ab12", 3, 0, 17), ("/ev/x,", "0f", 1, 2, 3)]:
+        assert flt.cursor_values(flt.cursor_text(values), kinds) == values
+    assert flt.cursor_values(flt.cursor_text((0.1 + 0.2, 5)), (("float", False), ("int", False))) == (0.1 + 0.2, 5)  # exact
+    assert flt.cursor_values(flt.cursor_text(("abc", "/p,q")), (("hex", True), ("text", False))) == ("abc", "/p,q")
+    assert flt.cursor_values(flt.cursor_text((None, "/p")), (("hex", True), ("text", False))) == (None, "/p")
+
+
+def test_cli_pages_by_position(ties, capsys) -> None:  # noqa: ANN001
+    import shlex
+
+    db = ("--db", ties)
+    code, out, _ = _cli(capsys, "faces", *db, "--sort=-p_male", "--limit", "0", "--format", "jsonl")
+    every = [json.loads(x)["face_id"] for x in out.splitlines()]
+    code, out, err = _cli(capsys, "faces", *db, "--sort=-p_male", "--limit", "5", "--after", f"0.8,{every[2]}")
+    assert code == 0, err
+    assert [int(ln.split()[0]) for ln in out.splitlines()[1:6]] == every[3:8]
+    nxt = re.search(r"more with (--after=.+)$", out.splitlines()[-1]).group(1)
+    code, out, _ = _cli(capsys, "faces", *db, "--sort=-p_male", "--limit", "5", *shlex.split(nxt))
+    assert [int(ln.split()[0]) for ln in out.splitlines()[1:6]] == every[8:13]
+    code, out, _ = _cli(capsys, "images", *db, "--limit", "4", "--after", "/ev/t1/img05.jpg")
+    shown = [ln.split()[-1] if not ln.endswith("more)") else ln.split()[-3] for ln in out.splitlines()[1:5]]
+    assert code == 0 and shown == ["/ev/t1/img09.jpg", "/ev/t2/img02.jpg", "/ev/t2/img06.jpg", "/ev/t2/img10.jpg"], out
+    assert out.splitlines()[-1] == "4 image(s) shown; more with --after=/ev/t2/img10.jpg"
+    code, _, err = _cli(capsys, "faces", *db, "--after", "x", "--before", "y")
+    assert code == 2 and "--after/--before: give one of them" in err

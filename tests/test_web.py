@@ -276,3 +276,139 @@ def test_serve_refuses_a_non_loopback_address(capsys, dev_db) -> None:  # noqa: 
         assert main(["serve", "--db", dev_db.url, "--host", host, "--port", "1"]) == 2
         err = capsys.readouterr().err
         assert f"--host {host} is not a loopback address" in err and "--allow-remote" in err
+
+
+# --------------------------------------------------------------------------------------------
+# Keyset pages: the links carry the position of the first / last row shown
+
+
+@pytest.fixture
+def ties_web(db_url: str) -> Iterator[tuple[TestClient, str]]:
+    """The page over a database whose sort keys tie a lot (SQLite and PostgreSQL)."""
+    from tests.test_queries import build_ties
+
+    build_ties(db_url)
+    client, app = _client(db_url)
+    yield client, db_url
+    app.close()
+
+
+def _face_ids(html: str) -> list[int]:
+    return [int(x) for x in re.findall(r'data-face-id="(\d+)"', html)]
+
+
+def parse_qs(query: str) -> dict[str, list[str]]:
+    from urllib.parse import parse_qs as parse
+
+    return parse(query)
+
+
+def _link(html: str, name: str) -> str | None:
+    import html as html_mod
+
+    m = re.search(rf'id="{name}" href="([^"]+)"', html)
+    return html_mod.unescape(m.group(1)) if m else None
+
+
+def _all_faces(url: str, sort: str, bundle: str) -> list[int]:
+    from daemon.queries import read
+    from daemon.queries.filters import Cut, parse
+
+    engine = open_engine(url, readonly=True)
+    with engine.connect() as c:
+        f = parse({"sort": sort, "bundle": bundle})
+        ids = [r["face_id"] for r in read.faces(c, f, read.scope(c, f, Cut()))]
+    engine.dispose()
+    return ids
+
+
+def test_faces_pages_follow_next_and_previous_links(ties_web) -> None:  # noqa: ANN001
+    client, url = ties_web
+    for sort in ("path", "-p_male", "p_male", "age", "-age", "seen", "-seen", "-score", "width", "id"):
+        full = _all_faces(url, sort, "all")
+        page = client.get("/faces", params={"sort": sort, "limit": "4", "bundle": "all"})
+        assert _link(page.text, "prev") is None and _link(page.text, "first") is None
+        pages = []
+        while True:
+            assert page.status_code == 200
+            pages.append(_face_ids(page.text))
+            nxt = _link(page.text, "next")
+            if nxt is None:
+                break
+            q = parse_qs(nxt[1:])
+            assert set(q) == {"bundle", "limit", "after"} | ({"sort"} if sort != "path" else set()) and q["bundle"] == ["all"]
+            page = client.get("/faces" + nxt)
+            assert parse_qs(_link(page.text, "first")[1:]) == {k: v for k, v in q.items() if k != "after"}
+        assert [i for p in pages for i in p] == full, sort  # every face once, in order, ties and all
+        assert all(len(p) == 4 for p in pages[:-1])
+        back = []
+        while True:
+            back.append(_face_ids(page.text))
+            prev = _link(page.text, "prev")
+            if prev is None:
+                break
+            assert "before=" in prev
+            page = client.get("/faces" + prev)
+        assert back == pages[::-1], sort
+    # offset still works (old links); its next link is a position
+    page = client.get("/faces", params={"sort": "id", "limit": "4", "offset": "4"})
+    full = _all_faces(url, "id", "latest")
+    assert _face_ids(page.text) == full[4:8] and "showing 5–8" in page.text
+    assert _face_ids(client.get("/faces" + _link(page.text, "next")).text) == full[8:12]
+    assert _face_ids(client.get("/faces" + _link(page.text, "prev")).text) == full[:4]
+    # a position that is not one: a clear 400
+    bad = client.get("/faces", params={"sort": "p_male", "after": "lots"})
+    assert bad.status_code == 400 and "--after: &#39;lots&#39; has 1 field(s), expected 2" in bad.text
+
+
+def _image_paths(html: str) -> list[str]:
+    return [re.findall(r'<td class="path">([^<]*)', row)[-1].strip() for row in re.findall(r'<tr class="image">(.*?)</tr>', html, re.S)]
+
+
+def _all_images(url: str, sort: str) -> list[str]:
+    from daemon.queries import read
+    from daemon.queries.filters import Cut, parse
+
+    engine = open_engine(url, readonly=True)
+    with engine.connect() as c:
+        f = parse({"sort": sort})
+        paths = [r["path"] for r in read.images(c, f, read.scope(c, f, Cut()))]
+    engine.dispose()
+    return paths
+
+
+def test_images_pages_follow_next_and_previous_links(ties_web) -> None:  # noqa: ANN001
+    client, url = ties_web
+    for sort in ("path", "-faces", "size", "-seen", "sha256"):
+        page = client.get("/images", params={"sort": sort, "limit": "3"})
+        pages = []
+        while True:
+            pages.append(_image_paths(page.text))
+            nxt = _link(page.text, "next")
+            if nxt is None:
+                break
+            page = client.get("/images" + nxt)
+        flat = [p for ps in pages for p in ps]
+        assert flat == _all_images(url, sort) and len(set(flat)) == 11, (sort, flat)
+        back = []
+        while True:
+            back.append(_image_paths(page.text))
+            prev = _link(page.text, "prev")
+            if prev is None:
+                break
+            page = client.get("/images" + prev)
+        assert back == pages[::-1], sort
+
+
+def test_face_count_stops_at_the_cap(ties_web, monkeypatch) -> None:  # noqa: ANN001
+    import daemon.web
+
+    client, _ = ties_web
+    page = client.get("/faces", params={"gender": "female"})
+    exact = len(_face_ids(page.text))
+    assert f"<b>{exact}</b> face(s) match" in page.text and "exact-count" not in page.text
+    monkeypatch.setattr(daemon.web, "COUNT_CAP", 5)
+    page = client.get("/faces", params={"gender": "female", "limit": "3"})
+    assert "<b>more than 5</b> faces match" in page.text
+    stats = client.get("/stats" + _link(page.text, "exact-count")[len("/stats"):])
+    assert stats.status_code == 200 and f'<tr><td>faces</td><td class="num">{exact}</td></tr>' in stats.text

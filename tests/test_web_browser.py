@@ -88,7 +88,22 @@ def test_review_page_end_to_end(browser, server) -> None:  # noqa: ANN001
         assert "face(s) match" in page.inner_text("#summary")
         _until(page, "Array.from(document.querySelectorAll('img.thumb')).slice(0, 5).every(i => i.complete && i.naturalWidth > 0)")
         page.screenshot(path=str(OUT / "review-1-faces.png"))
+        # page through by the links (keyset positions of the last / first row shown) and back
+        page.goto(base + "/faces?sort=-p_male&limit=7")
+        first = [r.get_attribute("data-face-id") for r in page.locator("tr.face").all()]
+        assert len(first) == 7 and page.locator("#prev").count() == 0
+        page.click("#next")
+        page.wait_for_url(re.compile(r".*after=.*"))
+        second = [r.get_attribute("data-face-id") for r in page.locator("tr.face").all()]
+        assert len(second) == 7 and not set(first) & set(second)
+        p_males = [float(x) for x in page.locator("tr.face td:nth-child(4)").all_inner_texts()]
+        assert p_males == sorted(p_males, reverse=True)
+        page.click("#prev")
+        page.wait_for_url(re.compile(r".*before=.*"))
+        assert [r.get_attribute("data-face-id") for r in page.locator("tr.face").all()] == first
+        assert page.locator("#prev").count() == 0 and page.locator("#next").count() == 1
         # filter with the form
+        page.goto(base + "/faces")
         page.select_option("select[name=gender]", "female")
         page.fill("input[name=path_glob]", "*/wider/*")
         page.click("#apply")

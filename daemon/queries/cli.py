@@ -16,6 +16,7 @@ import hashlib
 import json
 import operator
 import os
+import shlex
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -249,7 +250,13 @@ def cmd_faces(args: argparse.Namespace) -> int:
         with engine.connect() as conn:
             sc = read.scope(conn, f, cut)
             rows = read.faces(conn, f, sc, stream=True)
-            if args.format == "table":
+            if args.format == "table" and f.limit and (f.after is not None or f.before is not None):  # keyset: say where next
+                page = read.face_page(conn, f, sc)
+                n = write_face_table(sys.stdout, page.rows)
+                total = read.count_faces(conn, f.page(None), sc)
+                more = f"; more with --after={shlex.quote(page.next)}" if page.next else ""
+                print(f"{n} of {total} matching face(s) shown (cut: threshold {sc.cut.threshold:g}, margin {sc.cut.margin:g}){more}")
+            elif args.format == "table":
                 n = write_face_table(sys.stdout, rows)
                 total = read.count_faces(conn, f.page(None), sc)
                 more = f"; more with --offset {f.offset + n}" if f.offset + n < total else ""
@@ -279,7 +286,11 @@ def cmd_images(args: argparse.Namespace) -> int:
         with engine.connect() as conn:
             sc = read.scope(conn, f, cut)
             rows = read.images(conn, f, sc, stream=True)
-            if args.format == "table":
+            if args.format == "table" and f.limit and (f.after is not None or f.before is not None):  # keyset: say where next
+                page = read.image_page(conn, f, sc)
+                n = write_image_table(sys.stdout, page.rows)
+                print(f"{n} image(s) shown" + (f"; more with --after={shlex.quote(page.next)}" if page.next else ""))
+            elif args.format == "table":
                 n = write_image_table(sys.stdout, rows)
                 print(f"{n} image(s) shown" + (f"; more with --offset {f.offset + n}" if f.limit and n == f.limit else ""))
             elif args.format == "csv":

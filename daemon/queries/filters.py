@@ -30,6 +30,11 @@ Rules (documented here once; docs/ANALYST.md repeats them for analysts)
 ``bundle`` - ``latest`` (default: each image's most recent analysis), ``all`` (every analysis),
     or a bundle key (or a prefix of one).
 ``review`` - ``reviewed``, ``unreviewed``, ``confirmed``, ``corrected`` or ``ignored``.
+``after`` / ``before`` - keyset ("seek") paging: the rows strictly after (before) a row, given as
+    that row's sort key in the text :func:`cursor_text` writes (the review page's next and
+    previous links carry them; a page deep in the list costs what the first one does). Which
+    values form the key depends on the list and the sort; :mod:`daemon.queries.read` checks them.
+    ``offset`` skips rows instead (simple, but the skipped rows are still read).
 Several values of one option are alternatives (OR); different options must all hold (AND).
 """
 
@@ -98,6 +103,8 @@ class Filters:
     sort: str = "path"
     limit: int | None = None
     offset: int = 0
+    after: str | None = None
+    before: str | None = None
     # the raw text of relative dates, so links and echoes keep "7d" rather than a timestamp
     raw: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)
 
@@ -119,11 +126,12 @@ class Filters:
                     self.seen_until is not None, self.status, self.reason))
 
     def to_params(self, *, paging: bool = True) -> list[tuple[str, str]]:
-        """The non-default filters as (name, text) pairs: :func:`parse` gives them back."""
+        """The non-default filters as (name, text) pairs: :func:`parse` gives them back.
+        ``paging=False`` leaves out limit, offset, after and before."""
         out: list[tuple[str, str]] = []
         default = Filters()
         for f in fields(self):
-            if f.name == "raw" or (not paging and f.name in ("limit", "offset")):
+            if f.name == "raw" or (not paging and f.name in PAGING):
                 continue
             v = getattr(self, f.name)
             if v == getattr(default, f.name):
@@ -148,13 +156,86 @@ class Filters:
         return d
 
     def page(self, limit: int | None, offset: int = 0) -> Filters:
-        return replace(self, limit=limit, offset=offset)
+        """The same filters on another page (no keyset position)."""
+        return replace(self, limit=limit, offset=offset, after=None, before=None)
+
+    def seek(self, *, after: str | None = None, before: str | None = None) -> Filters:
+        """The same filters and page size, the rows after (or before) a cursor (no offset)."""
+        return replace(self, offset=0, after=after, before=before)
+
+
+PAGING = ("limit", "offset", "after", "before")
 
 
 def _fmt(v: object) -> str:
     if isinstance(v, float):
         return repr(v) if v != int(v) else str(int(v)) if abs(v) < 1e15 else repr(v)
     return str(v)
+
+
+# --------------------------------------------------------------------------------------------
+# Keyset positions ("cursors"): a row's sort key as text
+#
+# The values are joined with commas: numbers as Python writes them (floats exactly, by repr), an
+# empty field for NULL, text as it is. At most one field is free text (a path); it may hold
+# commas, since the fields around it are split off from either end.
+
+CURSOR_KINDS = ("text", "hex", "int", "float")
+
+
+def cursor_text(values: Sequence[object]) -> str:
+    """The text of a position (see :func:`cursor_values`)."""
+    out = []
+    for v in values:
+        if v is None:
+            out.append("")
+        elif isinstance(v, float):
+            out.append(repr(v))
+        else:
+            out.append(str(v))
+    return ",".join(out)
+
+
+def cursor_values(text: str, kinds: Sequence[tuple[str, bool]]) -> tuple:
+    """Typed values from the text of a position. ``kinds``: (kind, nullable) per field, kind one of
+    :data:`CURSOR_KINDS`. Raises ValueError saying what was expected."""
+    n = len(kinds)
+    free = [i for i, (k, _) in enumerate(kinds) if k == "text"]
+    if len(free) > 1:
+        raise ValueError("a position has at most one text field")
+    if free:
+        i = free[0]
+        head = text.split(",", i) if i else [text]
+        if len(head) < i + 1:
+            raise ValueError(f"has {len(head)} field(s), expected {n}")
+        tail = head[i].rsplit(",", n - i - 1) if n - i - 1 else [head[i]]
+        parts = head[:i] + tail
+    else:
+        parts = text.split(",")
+    if len(parts) != n:
+        raise ValueError(f"has {len(parts)} field(s), expected {n}")
+    out: list = []
+    for part, (kind, nullable) in zip(parts, kinds):
+        if part == "":
+            if not nullable:
+                raise ValueError(f"has an empty {kind} field where a value is required")
+            out.append(None)
+        elif kind == "int":
+            if not re.fullmatch(r"-?\d{1,19}", part):
+                raise ValueError(f"field {part!r} must be a whole number")
+            out.append(int(part))
+        elif kind == "float":
+            try:
+                out.append(_float(part))
+            except ValueError as err:
+                raise ValueError(f"field {err}") from None
+        elif kind == "hex":
+            if not re.fullmatch(r"[0-9a-f]{1,64}", part):
+                raise ValueError(f"field {part!r} must be a SHA-256 in lower-case hex")
+            out.append(part)
+        else:
+            out.append(part)
+    return tuple(out)
 
 
 # --------------------------------------------------------------------------------------------
@@ -247,7 +328,7 @@ def parse(values: Mapping[str, Sequence[str] | str] | Iterable[tuple[str, str]],
         if name not in known:
             problems.append(f"{key}: unknown filter; known filters are {', '.join(OPTION.values())}")
             continue
-        text = str(text).strip()
+        text = str(text) if name in ("after", "before") else str(text).strip()
         if text == "" and name != "uncertain":
             continue
         opt = OPTION[name]
@@ -288,6 +369,10 @@ def parse(values: Mapping[str, Sequence[str] | str] | Iterable[tuple[str, str]],
                     raise ValueError(f"must be one of {', '.join(sorted(set(FACE_SORTS + IMAGE_SORTS)))}, descending as "
                                      f"KEY:desc or -KEY, got {text!r}")
                 kw[name] = ("-" if desc else "") + key_
+            elif name in ("after", "before"):
+                if len(text) > 4096:
+                    raise ValueError(f"must be a row's sort key as a next or previous link gives it (at most 4096 characters), got {len(text)}")
+                kw[name] = text
             elif name in ("limit", "offset"):
                 try:
                     n = int(text)
@@ -370,6 +455,11 @@ def check(f: Filters) -> list[str]:
         out.append(f"--margin: must leave both labels reachable (< {min(f.threshold, 1 - f.threshold):g} with threshold {f.threshold}), got {f.margin}")
     if f.minor_k < 0:
         out.append(f"--minor-k: must be >= 0, got {f.minor_k}")
+    if f.after is not None and f.before is not None:
+        out.append("--after/--before: give one of them (the rows after a position, or the rows before it), not both")
+    if f.offset and (f.after is not None or f.before is not None):
+        out.append(f"--offset: cannot be combined with --{'after' if f.after is not None else 'before'}; "
+                   "a position already says where the page starts")
     for name in ("width_min", "width_max", "score_min", "age_min", "age_max"):
         v = getattr(f, name)
         if v is not None and v < 0:
@@ -407,6 +497,8 @@ _HELP = {
     "reason": "failure reason (truncated, not_an_image, ...)", "review": "reviewed, unreviewed, confirmed, corrected, ignored",
     "sort": "faces: " + ", ".join(FACE_SORTS) + "; images: " + ", ".join(IMAGE_SORTS) + "; descending: KEY:desc (or --sort=-KEY)",
     "limit": "at most N rows (0 = all)", "offset": "skip the first N rows",
+    "after": "only the rows after this position (the sort key of a row, as the last command's 'more with' line gives it)",
+    "before": "only the rows before this position (with --limit: the N rows just before it)",
 }
 
 

@@ -23,7 +23,8 @@ from dataclasses import dataclass, replace
 from sqlalchemy import Connection, and_, case, exists, false, func, literal, or_, select, text, true
 from sqlalchemy.sql.elements import ColumnElement
 
-from daemon.queries.filters import ADULT_AGE, FACE_SORTS, IMAGE_SORTS, Cut, FilterError, Filters, check_cut, glob_to_regex
+from daemon.queries.filters import (ADULT_AGE, FACE_SORTS, IMAGE_SORTS, Cut, FilterError, Filters, check_cut, cursor_text, cursor_values,
+                                    glob_to_regex)
 from daemon.store import reviews as rv
 from daemon.store import schema as s
 
@@ -116,54 +117,200 @@ def _analysis_conds(sc: Scope, a) -> list[ColumnElement]:  # noqa: ANN001
     return [a.c.bundle == sc.bundle]
 
 
+def _gender_cond(p: ColumnElement, cut: Cut, genders: Sequence[str]) -> ColumnElement:
+    """``decision(p, cut) IN genders`` written as ranges of p: planners estimate (and can index)
+    ranges, while a condition on a CASE expression is a blind guess to them."""
+    t, m = cut.threshold, cut.margin
+    if m > 0:
+        ranges = {"male": p >= t + m, "female": p <= t - m, "uncertain": and_(p > t - m, p < t + m)}
+    else:
+        ranges = {"male": p >= t, "female": p < t, "uncertain": false()}
+    return or_(*[ranges[g] for g in genders])
+
+
+@dataclass(frozen=True)
+class _Key:
+    """One sort key of a list: an expression (None: NULL on every row of this part of the list),
+    its direction, and whether it can be NULL (NULLs sort last either way)."""
+
+    expr: ColumnElement | None
+    desc: bool
+    nullable: bool = False
+
+
+def _order(keys: Sequence[_Key], backward: bool = False) -> list:
+    """ORDER BY for ``keys`` (reversed, NULLs first, when ``backward``)."""
+    out = []
+    for k in keys:
+        if k.expr is None:
+            continue
+        o = k.expr.desc() if k.desc != backward else k.expr.asc()
+        if k.nullable:
+            o = o.nulls_first() if backward else o.nulls_last()
+        out.append(o)
+    return out
+
+
+def _all(*terms: bool | ColumnElement) -> bool | ColumnElement:
+    """AND of SQL terms and Python constants, the constants folded away."""
+    if any(t is False for t in terms):
+        return False
+    rest = [t for t in terms if t is not True]
+    return True if not rest else rest[0] if len(rest) == 1 else and_(*rest)
+
+
+def _any(*terms: bool | ColumnElement) -> bool | ColumnElement:
+    """OR of SQL terms and Python constants, the constants folded away."""
+    if any(t is True for t in terms):
+        return True
+    rest = [t for t in terms if t is not False]
+    return False if not rest else rest[0] if len(rest) == 1 else or_(*rest)
+
+
+def _beyond(keys: Sequence[_Key], values: Sequence, backward: bool = False) -> bool | ColumnElement:
+    """The rows strictly after the position ``values`` in the order of ``keys`` (strictly before
+    it when ``backward``): a condition, or True / False for a part of a list that lies wholly on
+    one side of the position."""
+    alts, same = [], []
+    for k, v in zip(keys, values):
+        if k.expr is None:  # NULL on every row of this part: after every value, before none
+            beyond, eq = v is not None and not backward, v is None
+        elif v is None:  # before a NULL: every value; after one: nothing (NULLs sort last)
+            beyond = (k.expr.is_not(None) if k.nullable else True) if backward else False
+            eq = k.expr.is_(None) if k.nullable else False
+        else:
+            beyond = k.expr < v if k.desc != backward else k.expr > v
+            if k.nullable and not backward:
+                beyond = or_(beyond, k.expr.is_(None))
+            eq = k.expr == v
+        alts.append(_all(*same, beyond))
+        same.append(eq)
+    cond = _any(*alts)
+    first, v = keys[0], values[0]
+    if first.expr is not None and v is not None and not (first.nullable and not backward) and not isinstance(cond, bool):
+        # the same condition led by a plain range on the first key, so that its index starts there
+        cond = and_(first.expr <= v if first.desc != backward else first.expr >= v, cond)
+    return cond
+
+
+def _seek(keys: Sequence[_Key], cursor: Sequence | None, backward: bool) -> list[ColumnElement] | None:
+    """WHERE terms for a position (none without one); None when no row of this part is beyond it."""
+    if cursor is None:
+        return []
+    cond = _beyond(keys, cursor, backward)
+    if cond is False:
+        return None
+    return [] if cond is True else [cond]
+
+
+# The fields of a face list's position per sort (each ends with the face id), and their names.
+_FACE_CURSOR = {
+    "path": ((("text", True), ("hex", False), ("int", False), ("int", False)), "PATH,SHA256,ANALYSIS_ID,FACE_INDEX"),
+    "sha256": ((("hex", False), ("int", False), ("int", False)), "SHA256,ANALYSIS_ID,FACE_INDEX"),
+    "seen": ((("float", True),), "SEEN"), "age": ((("float", True),), "AGE"), "p_male": ((("float", False),), "P_MALE"),
+    "width": ((("float", False),), "WIDTH"), "score": ((("float", False),), "SCORE"), "id": ((), ""),
+}
+_IMAGE_CURSOR = {
+    "path": ((), ""), "sha256": ((("hex", True),), "SHA256"), "size": ((("int", True),), "SIZE"),
+    "seen": ((("float", False),), "SEEN"), "faces": ((("int", False),), "FACES"),
+}
+
+
+def _position(f: Filters, table: dict, last: tuple, what: str) -> tuple[tuple | None, bool]:
+    """The typed position of ``f.after`` / ``f.before`` (None without one) and whether it is
+    ``before``. ``table``: sort -> (fields, names); ``last``: the tiebreak field closing every key."""
+    text_ = f.after if f.after is not None else f.before
+    if text_ is None:
+        return None, False
+    fields_, names = table[f.sort.lstrip("-")]
+    kinds = (*fields_, last[0])
+    try:
+        return cursor_values(text_, kinds), f.after is None
+    except ValueError as err:
+        opt = "--after" if f.after is not None else "--before"
+        shape = ",".join(x for x in (names, last[1]) if x)
+        raise FilterError([f"{opt}: {text_[:200]!r} {err}; a position in the {what} sorted by {f.sort} is {shape} "
+                           f"(follow the page's next and previous links, or leave {opt} out to start at the top)"]) from None
+
+
 class _FaceQuery:
     """FROM + WHERE of a face query, with named expressions for the select list and sorting.
 
-    The first matching path (``FL``) and the current review (``R``) are correlated lookups per
-    face; they are joined only when asked for (``with_files``/``with_reviews``) or when a filter
-    needs them. A page (``limit``) is selected in two steps: the ids and sort keys of the page
-    with only what the filters and the sort need, then the full columns for those rows alone."""
+    The first matching path (``FL``) and the current review (``R``) are joined only when asked for
+    (``with_files``/``with_reviews``) or when a filter needs them; the images table only when the
+    columns, the sort, a SHA-256 filter or the reviews need it. A page (``limit``) is selected in
+    two steps: the ids and sort keys of the page with only what the filters and the sort need,
+    then the full columns for those rows alone.
+
+    Modes: ``faces`` (driven by the faces), ``files`` (driven by each image's first matching path,
+    whose index gives the order of the path and seen sorts) and ``nofile`` (faces of contents no
+    recorded path holds any more). ``ages``: only the faces with (``known``) or without
+    (``unknown``) an age, the two parts of a list sorted by age (each then reads its index in
+    order, either way)."""
 
     def __init__(self, f: Filters, sc: Scope, *, with_files: bool = True, with_reviews: bool = True, mode: str = "faces",
-                 correlated: bool | None = None) -> None:
+                 correlated: bool | None = None, with_images: bool = True, ages: str | None = None) -> None:
         F, A, I = s.faces, s.analyses, s.images  # noqa: N806
-        self.f, self.sc, self.mode = f, sc, mode
+        self.f, self.sc, self.mode, self.ages = f, sc, mode, ages
         # per-row lookups of the first path suit SQLite, and PostgreSQL too when few rows qualify
         self.correlated = (sc.dialect != "postgresql" or bool(f.sha256)) if correlated is None else correlated
         self.fconds = bool(_file_conds(f, s.files))
         self.has_review = sc.reviews and (with_reviews or bool(f.review or f.final_gender))
+        self.has_images = with_images or bool(f.sha256) or self.has_review
         w: list[ColumnElement] = []
-        if mode == "files" and sc.dialect == "postgresql":  # PostgreSQL plans the join itself
-            self.has_path = True
-            self.frm, self.FL, self.R = self.joins(F.join(A, A.c.id == F.c.analysis_id).join(I, I.c.id == A.c.image_id),
-                                                   True, self.has_review, inner=True)
-        elif mode == "files":  # driven by the files table (SQLite): its path index gives the order
-            FL, f2 = s.files.alias("fl"), s.files.alias("f2")  # noqa: N806
-            first = select(func.min(f2.c.id)).where(f2.c.image_id == FL.c.image_id, *_file_conds(f, f2)).scalar_subquery()
-            base = FL.join(A, A.c.image_id == FL.c.image_id).join(F, F.c.analysis_id == A.c.id).join(I, I.c.id == A.c.image_id)
+        if mode == "files":
+            FL = s.files.alias("fl")  # noqa: N806
+            # ``+ 0``: SQLite must not find an analysis by its id from a face, so that it reads the
+            # files first, in index order, even without statistics (which nothing gathers for it)
+            aid = A.c.id + 0 if sc.dialect == "sqlite" else A.c.id
+            base = FL.join(A, A.c.image_id == FL.c.image_id).join(F, F.c.analysis_id == aid)
+            if self.has_images:
+                base = base.join(I, I.c.id == A.c.image_id)
             self.frm, _, self.R = self.joins(base, False, self.has_review)
             self.FL = FL
             self.has_path = True
-            w += [FL.c.id == first, *_file_conds(f, FL)]
+            w += [self._first(FL), *_file_conds(f, FL)]
         else:
             self.has_path = mode == "faces" and (with_files or self.fconds)
-            self.frm, self.FL, self.R = self.joins(F.join(A, A.c.id == F.c.analysis_id).join(I, I.c.id == A.c.image_id),
-                                                   self.has_path, self.has_review)
+            # the faces of contents without a path: from the analyses that have none (as above)
+            aid = A.c.id + 0 if mode == "nofile" and sc.dialect == "sqlite" else A.c.id
+            base = F.join(A, aid == F.c.analysis_id)
+            if self.has_images:
+                base = base.join(I, I.c.id == A.c.image_id)
+            self.frm, self.FL, self.R = self.joins(base, self.has_path, self.has_review)
             if mode == "nofile":  # faces of contents no recorded path holds any more
                 w.append(~exists(select(s.files.c.id).where(s.files.c.image_id == A.c.image_id)))
         self.D = D = decision(F.c.p_male, sc.cut)  # noqa: N806
         self.final = case((self.R.c.status.in_(("confirmed", "corrected")), self.R.c.label), else_=D) if self.R is not None else D
-        w += [*_analysis_conds(sc, A), *_sha_conds(f, I)]
+        w += _analysis_conds(sc, A)
+        if ages:
+            w.append(F.c.age.is_not(None) if ages == "known" else F.c.age.is_(None))
+        if f.sha256:
+            w += _sha_conds(f, I)
+        # Range filters are written as ``col + 0`` on SQLite so that it never drives a query from
+        # a range index whose selectivity it cannot know (without STAT4 it would walk half the
+        # table through an index), except on the column the list is sorted by, whose index then
+        # gives the order and the range at once. PostgreSQL estimates ranges from its statistics.
+        key = f.sort.lstrip("-")
+
+        def rng(col, sort_key: str):  # noqa: ANN001, ANN202
+            return col if sc.dialect == "postgresql" or key == sort_key else col + 0
+
+        p_male, age, width, score = rng(F.c.p_male, "p_male"), rng(F.c.age, "age"), rng(F.c.width_px, "width"), rng(F.c.score, "score")
         if f.gender:
-            w.append(D.in_(f.gender))
+            w.append(_gender_cond(p_male, sc.cut, f.gender))
         if f.uncertain:
-            w.append(D == "uncertain" if sc.cut.margin > 0 else false())
+            w.append(_gender_cond(p_male, sc.cut, ("uncertain",)))
         if f.final_gender:
-            w.append(self.final.in_(f.final_gender))
-        # Range filters are written as ``col + 0`` so that no planner drives a query from a range
-        # index whose selectivity it cannot know (SQLite without STAT4 would walk half the table
-        # through an index); the indexes still serve the sorts. A full scan is the bounded case.
-        p_male, age, width, score = (F.c.p_male + 0), (F.c.age + 0), (F.c.width_px + 0), (F.c.score + 0)
+            model = [g for g in f.final_gender if g != "not_face"]
+            decided = _gender_cond(p_male, sc.cut, model) if model else false()
+            if self.R is None:
+                w.append(decided)
+            else:  # the analyst's label where a review confirmed or corrected the face, else the decision
+                R = self.R  # noqa: N806
+                labelled = R.c.status.in_(("confirmed", "corrected"))
+                w.append(or_(and_(labelled, R.c.label.in_(f.final_gender)),
+                             and_(or_(R.c.status.is_(None), R.c.status.not_in(("confirmed", "corrected"))), decided)))
         if f.p_male_min is not None:
             w.append(p_male >= f.p_male_min)
         if f.p_male_max is not None:
@@ -175,7 +322,7 @@ class _FaceQuery:
         if f.minors:
             spread = f.minor_k * func.coalesce(F.c.age_std, 0.0)
             w.append(age.is_not(None))
-            w.append((age + spread if f.minors == "likely" else age - spread) < ADULT_AGE)
+            w.append((F.c.age + spread if f.minors == "likely" else F.c.age - spread) < ADULT_AGE)
         if f.width_min is not None:
             w.append(width >= f.width_min)
         if f.width_max is not None:
@@ -188,26 +335,32 @@ class _FaceQuery:
                 w.append(I.c.sha256.in_(select(rv.reviews.c.sha256)))
         self.where = w
 
-    def joins(self, frm, with_path: bool, with_review: bool, *, inner: bool = False, correlated: bool | None = None):  # noqa: ANN001, ANN201
-        """``frm`` (which holds faces and images) joined to the first matching path (an inner
-        join when file filters or ``inner`` ask for a path) and the current review. The first
-        path is a correlated lookup per row on SQLite (and for a page's few rows), a join to the
-        grouped files on PostgreSQL, whose planner hashes it once."""
-        F, I = s.faces, s.images  # noqa: N806
+    def _first(self, FL) -> ColumnElement:  # noqa: ANN001, N803
+        """``FL`` is its image's first path (lowest id) among those matching the file filters: no
+        earlier one exists (an anti-join PostgreSQL hashes or probes by index, and a probe of the
+        image's index entries on SQLite)."""
+        f2 = s.files.alias("f2")
+        return ~exists(select(f2.c.id).where(f2.c.image_id == FL.c.image_id, f2.c.id < FL.c.id, *_file_conds(self.f, f2)))
+
+    def joins(self, frm, with_path: bool, with_review: bool, *, correlated: bool | None = None):  # noqa: ANN001, ANN201
+        """``frm`` (which holds faces and analyses, and images when reviews are asked for) joined
+        to the first matching path (an inner join when file filters ask for a path)
+        and the current review. The first path is a correlated lookup per row on SQLite (and for
+        a page's few rows); on PostgreSQL a join to the files with no earlier matching path of
+        the same image (an anti-join), which its planner hashes or probes by index as it sees fit."""
+        F, A, I = s.faces, s.analyses, s.images  # noqa: N806
         FL = R = None  # noqa: N806
         if with_path:
             FL = s.files.alias("fl")  # noqa: N806
             f2 = s.files.alias("f2")
-            outer = not (inner or self.fconds)
+            outer = not self.fconds
             if correlated is None:
                 correlated = self.correlated
             if correlated:
-                first = select(func.min(f2.c.id)).where(f2.c.image_id == I.c.id, *_file_conds(self.f, f2)).scalar_subquery()
+                first = select(func.min(f2.c.id)).where(f2.c.image_id == A.c.image_id, *_file_conds(self.f, f2)).scalar_subquery()
                 frm = frm.join(FL, FL.c.id == first, isouter=outer)
             else:
-                ff = (select(f2.c.image_id, func.min(f2.c.id).label("id")).where(f2.c.image_id.is_not(None), *_file_conds(self.f, f2))
-                      .group_by(f2.c.image_id).subquery("ff"))
-                frm = frm.join(ff, ff.c.image_id == I.c.id, isouter=outer).join(FL, FL.c.id == ff.c.id, isouter=outer)
+                frm = frm.join(FL, and_(FL.c.image_id == A.c.image_id, self._first(FL), *_file_conds(self.f, FL)), isouter=outer)
         if with_review:
             R, r2 = rv.reviews.alias("r"), rv.reviews.alias("r2")  # noqa: N806
             latest = (select(r2.c.id).where(r2.c.sha256 == I.c.sha256, rv.overlaps(r2, F.c.x1, F.c.y1, F.c.x2, F.c.y2))
@@ -250,72 +403,114 @@ class _FaceQuery:
             cols.append(self.D.label("final_gender"))
         return cols
 
-    def keys(self) -> list[tuple[ColumnElement, bool]]:
-        """The sort: (expression, descending) pairs, ending with the face id (a total order)."""
+    def keys(self) -> list[_Key]:
+        """The sort, ending with the face id (a total order, so that positions are exact). A
+        descending sort is the ascending one reversed, the tiebreak included, except that NULLs
+        (no age; no current path) come last either way."""
         F, A, I = s.faces, s.analyses, s.images  # noqa: N806
         key = self.f.sort.lstrip("-")
         desc = self.f.sort.startswith("-")
         if key not in FACE_SORTS:
             raise FilterError([f"--sort: faces sort by {', '.join(FACE_SORTS)}, got {self.f.sort!r}"])
-        path = self.FL.c.path if self.FL is not None else I.c.sha256
-        seen = self.FL.c.first_seen if self.FL is not None else I.c.first_seen
-        primary = {"path": [path, A.c.id, F.c.idx], "sha256": [I.c.sha256, A.c.id, F.c.idx], "p_male": [F.c.p_male],
-                   "age": [F.c.age], "width": [F.c.width_px], "score": [F.c.score], "seen": [seen], "id": []}[key]
-        return [(c, desc) for c in primary] + [(F.c.id, desc and key == "id")]
+        FL = self.FL  # noqa: N806 - None in the part without a current path (NULL there)
+        no_path = self.mode == "faces" and not self.fconds  # the path is an outer join: NULL for faces without one
+        primary: list[tuple[ColumnElement | None, bool]] = {
+            "path": [(None if FL is None else FL.c.path, no_path), (I.c.sha256, False), (A.c.id, False), (F.c.idx, False)],
+            "sha256": [(I.c.sha256, False), (A.c.id, False), (F.c.idx, False)],
+            "seen": [(None if FL is None else FL.c.first_seen, no_path)],
+            "p_male": [(F.c.p_male, False)], "age": [(None if self.ages == "unknown" else F.c.age, self.ages is None)],
+            "width": [(F.c.width_px, False)],
+            "score": [(F.c.score, False)], "id": [],
+        }[key]
+        return [_Key(c, desc, nullable) for c, nullable in primary] + [_Key(F.c.id, desc)]
 
-    @staticmethod
-    def _order(keys) -> list:  # noqa: ANN001
-        return [(c.desc() if d else c.asc()).nulls_last() for c, d in keys[:-1]] + [keys[-1][0].desc() if keys[-1][1] else keys[-1][0].asc()]
-
-    def select(self, limit: int | None, offset: int):  # noqa: ANN201
+    def select(self, limit: int | None, offset: int = 0, *, cursor: Sequence | None = None, backward: bool = False,
+               with_keys: bool = True):  # noqa: ANN201
+        """This part's rows in order (reversed when ``backward``), beyond ``cursor`` when given,
+        each with its sort key as ``_k0``, ``_k1``... (pages; ``with_keys``: also without a
+        limit); None when no row is beyond the cursor."""
         if not limit:
-            q = select(*self.columns()).select_from(self.frm).where(*self.where).order_by(*self._order(self.keys()))
+            keys = self.keys()
+            seek = _seek(keys, cursor, backward)
+            if seek is None:
+                return None
+            key_cols = [k.expr.label(f"_k{i}") for i, k in enumerate(keys) if k.expr is not None] if with_keys else []
+            q = select(*self.columns(), *key_cols).select_from(self.frm).where(*self.where, *seek).order_by(*_order(keys, backward))
             return q.offset(offset) if offset else q
         # step 1: the page's face ids and sort keys, joining only what filters and sort need
         key = self.f.sort.lstrip("-")
-        slim = _FaceQuery(self.f, self.sc, with_files=key in ("path", "seen"), with_reviews=False, mode=self.mode)
+        slim = _FaceQuery(self.f, self.sc, with_files=key in ("path", "seen"), with_reviews=False, mode=self.mode,
+                          with_images=key in ("path", "sha256"), ages=self.ages)
         keys = slim.keys()
-        page = (select(*[c.label(f"k{i}") for i, (c, _) in enumerate(keys)]).select_from(slim.frm).where(*slim.where)
-                .order_by(*self._order(keys)).limit(limit).offset(offset or None).subquery("pg"))
+        seek = _seek(keys, cursor, backward)
+        if seek is None:
+            return None
+        live = [i for i, k in enumerate(keys) if k.expr is not None]
+        page = (select(*[keys[i].expr.label(f"k{i}") for i in live]).select_from(slim.frm).where(*slim.where, *seek)
+                .order_by(*_order(keys, backward)).limit(limit).offset(offset or None).subquery("pg"))
         # step 2: every column for those rows only
         F, A, I = s.faces, s.analyses, s.images  # noqa: N806
-        n = len(keys) - 1
-        frm = page.join(F, F.c.id == page.c[f"k{n}"]).join(A, A.c.id == F.c.analysis_id).join(I, I.c.id == A.c.image_id)
+        frm = page.join(F, F.c.id == page.c[f"k{len(keys) - 1}"]).join(A, A.c.id == F.c.analysis_id).join(I, I.c.id == A.c.image_id)
         frm, FL, R = self.joins(frm, self.mode != "nofile", self.sc.reviews, correlated=True)  # noqa: N806
-        order = [(page.c[f"k{i}"], d) for i, (_, d) in enumerate(keys)]
-        return select(*self.columns(FL, R)).select_from(frm).order_by(*self._order(order))
+        order = [_Key(page.c[f"k{i}"] if k.expr is not None else None, k.desc, k.nullable) for i, k in enumerate(keys)]
+        return (select(*self.columns(FL, R), *[page.c[f"k{i}"].label(f"_k{i}") for i in live])
+                .select_from(frm).order_by(*_order(order, backward)))
 
     def count(self):  # noqa: ANN201
         return select(func.count()).select_from(self.frm).where(*self.where)
 
     def image_exists(self, image_id_col) -> ColumnElement:  # noqa: ANN001
         """EXISTS a matching face in the image ``image_id_col`` (for the images command)."""
-        q = select(s.faces.c.id).select_from(self.frm).where(*self.where, s.images.c.id == image_id_col)
+        q = select(s.faces.c.id).select_from(self.frm).where(*self.where, s.analyses.c.image_id == image_id_col)
         return exists(q)
 
 
-def faces(conn: Connection, f: Filters, sc: Scope, *, stream: bool = False) -> Iterator[dict]:
-    """Face rows matching ``f`` in ``f.sort`` order, ``f.limit``/``f.offset`` applied.
-
-    Sorted by path or by when the path was seen, the rows come in two parts: faces whose content
-    is at a recorded path (found through the files table, whose indexes give the order), then
-    faces of contents no path holds any more (path None; these sort last either way)."""
-    if f.sort.lstrip("-") in ("path", "seen"):
+def _face_parts(f: Filters, sc: Scope) -> list[_FaceQuery]:
+    """The parts a face list is read in, in order. Sorted by path or by when the path was seen:
+    faces whose content is at a recorded path (found through the files table, whose indexes give
+    the order), then faces of contents no path holds any more (no path: last either way); with a
+    SHA-256 filter, one part (the same order). Sorted by age: the faces with an age, then those
+    without (last either way)."""
+    key = f.sort.lstrip("-")
+    if key in ("path", "seen") and f.sha256:  # a few images, found by their hash: one part, sorted after the fact
+        return [_FaceQuery(f, sc)]
+    if key in ("path", "seen"):
         parts = [_FaceQuery(f, sc, mode="files")]
         if not _file_conds(f, s.files):
             parts.append(_FaceQuery(f, sc, mode="nofile"))
-    else:
-        parts = [_FaceQuery(f, sc)]
-    limit, offset = f.limit, f.offset
+        return parts
+    if key == "age":
+        return [_FaceQuery(f, sc, ages="known"), _FaceQuery(f, sc, ages="unknown")]
+    return [_FaceQuery(f, sc)]
+
+
+def _walk_faces(conn: Connection, f: Filters, sc: Scope, *, limit: int | None, offset: int = 0, cursor: tuple | None = None,
+                backward: bool = False, stream: bool = False, with_keys: bool = True) -> Iterator[tuple[dict, tuple]]:
+    """(row, sort key) in ``f.sort`` order (reversed when ``backward``) from the position
+    ``cursor`` on (exclusive), at most ``limit``, after skipping ``offset``. Without
+    ``with_keys``, an unlimited walk reads no sort keys (the key is then empty)."""
+    parts = _face_parts(f, sc)
+    nkeys = len(parts[0].keys())
+    if backward:
+        parts.reverse()
     for i, part in enumerate(parts):
         if i > 0 and offset:  # the earlier parts' rows all came before the offset
             offset = max(0, offset - conn.execute(parts[i - 1].count()).scalar_one())
-        q = part.select(limit, offset)
+        q = part.select(limit, offset, cursor=cursor, backward=backward, with_keys=with_keys)
+        if q is None:
+            continue
         res = conn.execution_options(yield_per=BATCH).execute(q) if stream else conn.execute(q)
         got = 0
-        for row in res:
-            got += 1
-            yield dict(row._mapping)
+        if with_keys or limit:
+            popped = [f"_k{j}" for j in range(nkeys)]
+            for row in res:
+                got += 1
+                d = dict(row._mapping)
+                yield d, tuple([d.pop(k, None) for k in popped])
+        else:  # a stream without positions (exports): nothing to take out
+            for row in res:
+                got += 1
+                yield dict(row._mapping), ()
         if limit:
             limit -= got
             if limit <= 0:
@@ -324,8 +519,67 @@ def faces(conn: Connection, f: Filters, sc: Scope, *, stream: bool = False) -> I
             offset = 0
 
 
-def count_faces(conn: Connection, f: Filters, sc: Scope) -> int:
-    return conn.execute(_FaceQuery(f, sc, with_files=False, with_reviews=False).count()).scalar_one()
+def faces(conn: Connection, f: Filters, sc: Scope, *, stream: bool = False) -> Iterator[dict]:
+    """Face rows matching ``f`` in ``f.sort`` order; ``f.limit`` and ``f.offset``, or the keyset
+    position ``f.after`` / ``f.before``, applied (with ``before``, the ``limit`` rows just before
+    the position, read backwards and returned in order)."""
+    cursor, backward = _position(f, _FACE_CURSOR, (("int", False), "FACE_ID"), "face list")
+    if backward:
+        rows = [r for r, _ in _walk_faces(conn, f, sc, limit=f.limit, cursor=cursor, backward=True)]
+        yield from reversed(rows)
+        return
+    for r, _ in _walk_faces(conn, f, sc, limit=f.limit, offset=f.offset, cursor=cursor, stream=stream, with_keys=False):
+        yield r
+
+
+@dataclass(frozen=True)
+class Page:
+    """One page of a list: its rows, and the positions of the pages on either side (texts for
+    ``after=`` and ``before=``; None where there is no such page)."""
+
+    rows: list[dict]
+    next: str | None
+    prev: str | None
+
+
+def _page(walk, f: Filters, table: dict, last: tuple, what: str) -> Page:  # noqa: ANN001
+    """A page of ``f.limit`` rows at ``f.after`` / ``f.before`` / ``f.offset``, one more row read
+    to know whether a next (previous) page exists. Asked for the page before a position with
+    fewer than a page of rows before it, the first page is given."""
+    limit = f.limit or 50
+    cursor, backward = _position(f, table, last, what)
+    if backward:
+        got = list(walk(limit=limit + 1, cursor=cursor, backward=True))
+        if len(got) >= limit:
+            got, earlier = got[:limit][::-1], len(got) > limit
+            return Page([r for r, _ in got], cursor_text(got[-1][1]), cursor_text(got[0][1]) if earlier else None)
+        cursor = None
+    got = list(walk(limit=limit + 1, offset=f.offset, cursor=cursor))
+    more = len(got) > limit
+    got = got[:limit]
+    started = cursor is not None or (f.offset > 0 and not backward)
+    prev = (cursor_text(got[0][1]) if got else (f.after or None)) if started else None
+    return Page([r for r, _ in got], cursor_text(got[-1][1]) if more else None, prev)
+
+
+def face_page(conn: Connection, f: Filters, sc: Scope) -> Page:
+    """One page of faces (``f.limit`` of them, default 50) with the positions of the next and
+    previous pages: what the review page shows. A page deep in the list costs what the first does."""
+    def walk(**kw) -> Iterator[tuple[dict, tuple]]:  # noqa: ANN003
+        return _walk_faces(conn, f, sc, **kw)
+
+    return _page(walk, f, _FACE_CURSOR, (("int", False), "FACE_ID"), "face list")
+
+
+def count_faces(conn: Connection, f: Filters, sc: Scope, *, cap: int | None = None) -> int:
+    """How many faces match ``f`` (paging ignored). With ``cap``, counting stops after cap + 1:
+    a result above ``cap`` means "more than cap", at a bounded cost for broad filters."""
+    # sorted by id: no range filter is then written for a sort's index (see _FaceQuery)
+    q = _FaceQuery(replace(f.page(None), sort="id"), sc, with_files=False, with_reviews=False, with_images=False)
+    if cap is None:
+        return conn.execute(q.count()).scalar_one()
+    some = select(literal(1).label("one")).select_from(q.frm).where(*q.where).limit(cap + 1).subquery("capped")
+    return conn.execute(select(func.count()).select_from(some)).scalar_one()
 
 
 def paths_of(conn: Connection, image_ids: Sequence[int]) -> dict[int, list[dict]]:
@@ -350,51 +604,86 @@ def _chunks(seq: list, n: int) -> Iterator[list]:
 # Images
 
 
-def images(conn: Connection, f: Filters, sc: Scope, *, stream: bool = False) -> Iterator[dict]:
-    """Image rows (one per distinct content; one per path for files never hashed)."""
+def _walk_images(conn: Connection, f: Filters, sc: Scope, *, limit: int | None, offset: int = 0, cursor: tuple | None = None,
+                 backward: bool = False, stream: bool = False) -> Iterator[tuple[dict, tuple]]:
+    """(image row, sort key) in ``f.sort`` order (reversed when ``backward``) from the position
+    ``cursor`` on (exclusive). The sort ends with the image's first path, unique in the list."""
     FI, I = s.files, s.images  # noqa: N806
     key = f.sort.lstrip("-")
-    if key not in IMAGE_SORTS:
-        raise FilterError([f"--sort: images sort by {', '.join(IMAGE_SORTS)}, got {f.sort!r}"])
     lone = case((FI.c.image_id.is_(None), FI.c.id))
     conds = [*_file_conds(f, FI), *_sha_conds(f, I)]
     if f.sha256:
         conds.append(FI.c.image_id.is_not(None))
     if f.face_level or sc.bundle not in (None, "all"):
-        fq = _FaceQuery(f.page(None), sc, with_files=False, with_reviews=False)
+        fq = _FaceQuery(f.page(None), sc, with_files=False, with_reviews=False, with_images=False)
         if f.face_level:
             conds.append(fq.image_exists(FI.c.image_id))
         else:  # a bundle was named: images analysed under it
             A = s.analyses  # noqa: N806
             conds.append(exists(select(A.c.id).where(A.c.image_id == FI.c.image_id, A.c.bundle == sc.bundle)))
-    path = func.min(FI.c.path)
-    cols = [FI.c.image_id, lone.label("file_id"), path.label("path"), func.min(FI.c.first_seen).label("seen"),
+    cols = [FI.c.image_id, lone.label("file_id"), func.min(FI.c.path).label("path"), func.min(FI.c.first_seen).label("seen"),
             func.max(I.c.size).label("size"), func.max(I.c.sha256).label("sha256")]
-    desc = f.sort.startswith("-")
-    if key == "faces":
+    frm = FI.outerjoin(I, I.c.id == FI.c.image_id)
+    if key == "faces":  # faces per image in one grouped pass (a correlated count would run again for the position)
         A, F = s.analyses, s.faces  # noqa: N806
-        nf = (select(func.count(F.c.id)).select_from(F.join(A, A.c.id == F.c.analysis_id))
-              .where(A.c.image_id == FI.c.image_id, *_analysis_conds(sc, A)).scalar_subquery())
-        cols.append(nf.label("nfaces"))
-        sort_col = nf
-    else:
-        sort_col = {"path": path, "sha256": func.max(I.c.sha256), "size": func.max(I.c.size), "seen": func.min(FI.c.first_seen)}[key]
-    q = (select(*cols).select_from(FI.outerjoin(I, I.c.id == FI.c.image_id)).where(*conds)
-         .group_by(FI.c.image_id, lone)
-         .order_by((sort_col.desc() if desc else sort_col.asc()).nulls_last(), path.asc()))
-    if f.limit:
-        q = q.limit(f.limit)
-    if f.offset:
-        q = q.offset(f.offset)
+        nf = (select(A.c.image_id, func.count(F.c.id).label("n")).select_from(F.join(A, A.c.id == F.c.analysis_id))
+              .where(*_analysis_conds(sc, A)).group_by(A.c.image_id).subquery("nf"))
+        frm = frm.outerjoin(nf, nf.c.image_id == FI.c.image_id)
+        cols.append(func.coalesce(func.max(nf.c.n), 0).label("nfaces"))
+    g = select(*cols).select_from(frm).where(*conds).group_by(FI.c.image_id, lone).subquery("g")
+    desc = f.sort.startswith("-")
+    first = {"path": None, "sha256": _Key(g.c.sha256, desc, True), "size": _Key(g.c.size, desc, True), "seen": _Key(g.c.seen, desc),
+             "faces": _Key(g.c.nfaces, desc) if key == "faces" else None}[key]
+    keys = [_Key(g.c.path, desc)] if first is None else [first, _Key(g.c.path, False)]
+    seek = _seek(keys, cursor, backward)
+    if seek is None:
+        return
+    q = select(g).where(*seek).order_by(*_order(keys, backward))
+    if limit:
+        q = q.limit(limit)
+    if offset:
+        q = q.offset(offset)
     res = conn.execution_options(yield_per=BATCH).execute(q) if stream else conn.execute(q)
     batch: list = []
     for row in res:
         batch.append(row)
         if len(batch) >= BATCH:
-            yield from _image_details(conn, batch, sc)
+            yield from _image_batch(conn, batch, sc, key)
             batch = []
     if batch:
-        yield from _image_details(conn, batch, sc)
+        yield from _image_batch(conn, batch, sc, key)
+
+
+def _image_batch(conn: Connection, groups: list, sc: Scope, key: str) -> Iterator[tuple[dict, tuple]]:
+    """Image rows for a batch of groups, each with its sort key (the sort value, the first path)."""
+    col = {"path": None, "sha256": "sha256", "size": "size", "seen": "seen", "faces": "nfaces"}[key]
+    for g, row in zip(groups, _image_details(conn, groups, sc)):
+        yield row, ((g.path,) if col is None else (g._mapping[col], g.path))
+
+
+def images(conn: Connection, f: Filters, sc: Scope, *, stream: bool = False) -> Iterator[dict]:
+    """Image rows (one per distinct content; one per path for files never hashed), with
+    ``f.limit`` and ``f.offset`` or the keyset position ``f.after`` / ``f.before`` applied."""
+    if f.sort.lstrip("-") not in IMAGE_SORTS:
+        raise FilterError([f"--sort: images sort by {', '.join(IMAGE_SORTS)}, got {f.sort!r}"])
+    cursor, backward = _position(f, _IMAGE_CURSOR, (("text", False), "PATH"), "image list")
+    if backward:
+        rows = [r for r, _ in _walk_images(conn, f, sc, limit=f.limit, cursor=cursor, backward=True)]
+        yield from reversed(rows)
+        return
+    for r, _ in _walk_images(conn, f, sc, limit=f.limit, offset=f.offset, cursor=cursor, stream=stream):
+        yield r
+
+
+def image_page(conn: Connection, f: Filters, sc: Scope) -> Page:
+    """One page of images with the positions of the next and previous pages (see :func:`face_page`)."""
+    if f.sort.lstrip("-") not in IMAGE_SORTS:
+        raise FilterError([f"--sort: images sort by {', '.join(IMAGE_SORTS)}, got {f.sort!r}"])
+
+    def walk(**kw) -> Iterator[tuple[dict, tuple]]:  # noqa: ANN003
+        return _walk_images(conn, f, sc, **kw)
+
+    return _page(walk, f, _IMAGE_CURSOR, (("text", False), "PATH"), "image list")
 
 
 def _image_details(conn: Connection, groups: list, sc: Scope) -> Iterator[dict]:
@@ -518,41 +807,59 @@ AGE_BANDS = ((0, 13, "0-12"), (13, 18, "13-17"), (18, 25, "18-24"), (25, 35, "25
 def stats(conn: Connection, f: Filters, sc: Scope, *, now: float | None = None) -> dict:
     """Totals, by root, by state and failure reason, gender and age distributions, backlog,
     throughput over the last hour, model bundles in use, reviews. File filters (root, path,
-    seen, status) and the bundle apply; face filters narrow the face distributions."""
+    seen, status) and the bundle apply; face filters narrow the face distributions.
+
+    Cost: one pass over the matching files (grouped by root, state and reason), one over the
+    faces (every distribution as a filtered count in one GROUP BY), one over the analyses (bundles
+    and hosts together), and small look-ups (distinct images, leases, reviews)."""
     now = time.time() if now is None else now
+    hour = now - 3600
     FI, A, F, B = s.files, s.analyses, s.faces, s.bundles  # noqa: N806
     fc = _file_conds(f, FI)
-    one = lambda q: conn.execute(q).scalar_one()  # noqa: E731
     out: dict = {"generated": now}
-    out["files"] = one(select(func.count()).select_from(FI).where(*fc))
-    out["images"] = one(select(func.count(func.distinct(FI.c.image_id))).where(*fc))
-    by_state = {r.state: r.n for r in conn.execute(select(FI.c.state, func.count().label("n")).where(*fc).group_by(FI.c.state))}
-    out["by_state"] = dict(sorted(by_state.items()))
-    out["failures"] = {r.reason: r.n for r in conn.execute(
-        select(FI.c.reason, func.count().label("n")).where(*fc, FI.c.state.in_(("failed", "quarantined")))
-        .group_by(FI.c.reason).order_by(func.count().desc()))}
-    roots = {}
-    for r in conn.execute(select(FI.c.root, FI.c.state, func.count().label("n")).where(*fc).group_by(FI.c.root, FI.c.state)):
+    finished = ("done", "failed", "quarantined")
+    groups = sorted(conn.execute(select(FI.c.root, FI.c.state, FI.c.reason, func.count().label("n"),
+                                        func.count().filter(FI.c.updated >= hour).label("recent"))
+                                 .where(*fc).group_by(FI.c.root, FI.c.state, FI.c.reason)).all(),
+                    key=lambda r: (r.root, r.state, r.reason or ""))
+    by_state: dict[str, int] = {}
+    failures: dict[str | None, int] = {}
+    roots: dict[str, dict] = {}
+    fin: dict[str, int] = {}
+    for r in groups:
+        by_state[r.state] = by_state.get(r.state, 0) + r.n
+        if r.state in ("failed", "quarantined"):
+            failures[r.reason] = failures.get(r.reason, 0) + r.n
         d = roots.setdefault(r.root, {"files": 0})
         d["files"] += r.n
-        d[r.state] = r.n
+        d[r.state] = d.get(r.state, 0) + r.n
+        if r.state in finished and r.recent:
+            fin[r.state] = fin.get(r.state, 0) + r.recent
+    out["files"] = sum(by_state.values())
+    out["images"] = conn.execute(select(func.count(func.distinct(FI.c.image_id))).where(*fc)).scalar_one()
+    out["by_state"] = dict(sorted(by_state.items()))
+    out["failures"] = dict(sorted(failures.items(), key=lambda kv: -kv[1]))
     # face distributions, grouped by the root of each face's first matching path (so that the
-    # totals are the sums), plus the faces of contents no recorded path holds any more
+    # totals are the sums), plus the faces of contents no recorded path holds any more. As few
+    # aggregates per face as possible: uncertain and unknown ages are what is left over, and an
+    # age band [lo, hi) is count(age < hi) - count(age < lo).
     t_, m_ = sc.cut.threshold, sc.cut.margin
-    p = F.c.p_male
-    if m_ > 0:
-        gsum = {"female": p <= t_ - m_, "male": p >= t_ + m_, "uncertain": and_(p > t_ - m_, p < t_ + m_)}
-    else:
-        gsum = {"female": p < t_, "male": p >= t_, "uncertain": false()}
+    p, age = F.c.p_male, F.c.age
     spread = func.coalesce(F.c.age_std, 0.0)
-    sums = {**gsum, **{name: and_(F.c.age >= lo, F.c.age < hi) for lo, hi, name in AGE_BANDS}, "no_age": F.c.age.is_(None),
-            "likely_minors": F.c.age + spread < ADULT_AGE, "possible_minors": F.c.age - spread < ADULT_AGE}
-    cols = [func.count().label("faces"), func.count(func.distinct(A.c.image_id)).label("images_with_faces"),
-            *[func.sum(case((cond, 1), else_=0)).label(k) for k, cond in sums.items()]]
-    totals = dict.fromkeys(["faces", "images_with_faces", *sums], 0)
-    parts = [_FaceQuery(f.page(None), sc, with_reviews=False, mode="files")]
-    if not fc:
-        parts.append(_FaceQuery(f.page(None), sc, with_reviews=False, mode="nofile"))
+    bounds = sorted({x for lo, hi, _ in AGE_BANDS for x in (lo, hi)})
+    conds = {"female": p <= t_ - m_ if m_ > 0 else p < t_, "male": p >= t_ + m_ if m_ > 0 else p >= t_,
+             **{f"below_{i}": age < x for i, x in enumerate(bounds)},
+             "likely_minors": age + spread < ADULT_AGE, "possible_minors": age - spread < ADULT_AGE}
+    cols = [func.count().label("faces"), func.count(func.distinct(A.c.image_id)).label("images_with_faces"), func.count(age).label("aged"),
+            *[func.count().filter(cond).label(k) for k, cond in conds.items()]]
+    totals = dict.fromkeys(["faces", "images_with_faces", "aged", *conds], 0)
+    fa = replace(f.page(None), sort="id")  # the list's sort plays no part (see _FaceQuery's range filters)
+    if sc.dialect == "postgresql":  # one pass driven by the faces; the first path by a (hashed) join
+        parts = [_FaceQuery(fa, sc, with_reviews=False, with_images=False, correlated=False)]
+    else:  # driven by the files in root order (no sort for the GROUP BY), then the faces without a path
+        parts = [_FaceQuery(fa, sc, with_reviews=False, with_images=False, mode="files")]
+        if not fc:
+            parts.append(_FaceQuery(fa, sc, with_reviews=False, with_images=False, mode="nofile"))
     for part in parts:
         root = part.FL.c.root if part.FL is not None else literal(None)
         q = select(root.label("root"), *cols).select_from(part.frm).where(*part.where)
@@ -568,55 +875,74 @@ def stats(conn: Connection, f: Filters, sc: Scope, *, now: float | None = None) 
     out["faces"] = totals["faces"]
     out["images_with_faces"] = totals["images_with_faces"]
     out["cut"] = {"threshold": sc.cut.threshold, "margin": sc.cut.margin}
-    out["gender"] = {g: totals[g] for g in ("female", "male", "uncertain")}
-    out["age"] = {name: totals[name] for _, _, name in AGE_BANDS}
-    out["age"]["unknown"] = totals["no_age"]
+    uncertain = totals["faces"] - totals["female"] - totals["male"] if m_ > 0 else 0
+    out["gender"] = {"female": totals["female"], "male": totals["male"], "uncertain": uncertain}
+    below = {x: totals[f"below_{i}"] for i, x in enumerate(bounds)}
+    out["age"] = {name: below[hi] - below[lo] for lo, hi, name in AGE_BANDS}
+    out["age"]["unknown"] = totals["faces"] - totals["aged"]
     out["minors"] = {"likely (age + std < 18)": totals["likely_minors"], "possible (age - std < 18)": totals["possible_minors"]}
     out["backlog"] = {"queued": by_state.get("queued", 0), "working": by_state.get("working", 0)}
-    hour = now - 3600
-    fin = {r.state: r.n for r in conn.execute(select(FI.c.state, func.count().label("n"))
-                                              .where(*fc, FI.c.updated >= hour, FI.c.state.in_(("done", "failed", "quarantined")))
-                                              .group_by(FI.c.state))}
-    analysed_hour = one(select(func.count()).select_from(A).where(A.c.created >= hour))
+    activity = _analysis_activity(conn, now)
     out["last_hour"] = {"files_finished": sum(fin.values()), **{f"files_{k}": v for k, v in sorted(fin.items())},
-                        "analyses": analysed_hour, "per_minute": round(sum(fin.values()) / 60.0, 2)}
+                        "analyses": sum(r.hour for r in activity), "per_minute": round(sum(fin.values()) / 60.0, 2)}
+    per_bundle: dict[str, tuple[int, float | None]] = {}
+    for r in activity:
+        n, last = per_bundle.get(r.bundle, (0, None))
+        per_bundle[r.bundle] = (n + r.n, r.last if last is None or (r.last is not None and r.last > last) else last)
     bundles = []
-    for r in conn.execute(select(B.c.key, B.c.created, B.c.spec, func.count(A.c.id).label("analyses"), func.max(A.c.created).label("last"))
-                          .select_from(B.outerjoin(A, A.c.bundle == B.c.key)).group_by(B.c.key, B.c.created, B.c.spec).order_by(B.c.created)):
+    for r in conn.execute(select(B.c.key, B.c.created, B.c.spec).order_by(B.c.created)):
         spec = json.loads(r.spec)
-        bundles.append({"key": r.key, "created": r.created, "analyses": r.analyses, "last_analysis": r.last,
+        n, last = per_bundle.get(r.key, (0, None))
+        bundles.append({"key": r.key, "created": r.created, "analyses": n, "last_analysis": last,
                         "gender_model": (spec.get("gender") or {}).get("model"), "age": "age" in (spec.get("models") or {}),
                         "detector_threshold": (spec.get("detector") or {}).get("threshold")})
     out["bundles"] = bundles
-    out["hosts"] = host_activity(conn, now)
+    out["hosts"] = _hosts(conn, activity, now)
     out["reviews"] = {}
     if sc.reviews:  # faces by their current review (the latest that attaches to each)
-        rq = _FaceQuery(replace(f, review=("reviewed",), limit=None), sc, with_files=bool(fc), with_reviews=True)
+        rq = _FaceQuery(replace(fa, review=("reviewed",)), sc, with_files=bool(fc), with_reviews=True)
         out["reviews"] = {r.status: r.n for r in conn.execute(
             select(rq.R.c.status, func.count().label("n")).select_from(rq.frm).where(*rq.where).group_by(rq.R.c.status).order_by(rq.R.c.status))}
         out["review_records"] = conn.execute(select(func.count()).select_from(rv.reviews)).scalar_one()
     return out
 
 
-def host_activity(conn: Connection, now: float) -> dict:
-    """Per host: analyses written (all time, last minute, last hour), analysis seconds, and the
-    leases it holds now (and how many of them have expired: a host that died)."""
-    A, FI = s.analyses, s.files  # noqa: N806
-    hosts: dict[str, dict] = {}
-    for r in conn.execute(select(
-        A.c.host, func.count().label("n"),
-        func.sum(case((A.c.created >= now - 60, 1), else_=0)).label("minute"),
-        func.sum(case((A.c.created >= now - 3600, 1), else_=0)).label("hour"),
+def _analysis_activity(conn: Connection, now: float) -> list:
+    """Analyses per (bundle, host): count, latest, in the last minute and hour, analysis seconds."""
+    A = s.analyses  # noqa: N806
+    return conn.execute(select(
+        A.c.bundle, A.c.host, func.count().label("n"), func.max(A.c.created).label("last"),
+        func.count().filter(A.c.created >= now - 60).label("minute"), func.count().filter(A.c.created >= now - 3600).label("hour"),
         func.sum(A.c.seconds).label("secs"),
-    ).group_by(A.c.host)):
-        hosts[r.host or "(unknown)"] = {"analyses": r.n, "last_minute": int(r.minute or 0), "last_hour": int(r.hour or 0),
-                                        "analysis_seconds": round(float(r.secs or 0), 1), "leases": 0, "expired_leases": 0}
+    ).group_by(A.c.bundle, A.c.host)).all()
+
+
+def _hosts(conn: Connection, activity: list, now: float) -> dict:
+    """Per host, from :func:`_analysis_activity`'s rows and the leases held now (see :func:`host_activity`)."""
+    FI = s.files  # noqa: N806
+    hosts: dict[str, dict] = {}
+    secs: dict[str, float] = {}
+    for r in activity:
+        name = r.host or "(unknown)"
+        d = hosts.setdefault(name, {"analyses": 0, "last_minute": 0, "last_hour": 0, "analysis_seconds": 0.0, "leases": 0, "expired_leases": 0})
+        d["analyses"] += r.n
+        d["last_minute"] += int(r.minute or 0)
+        d["last_hour"] += int(r.hour or 0)
+        secs[name] = secs.get(name, 0.0) + float(r.secs or 0)
+    for name, v in secs.items():
+        hosts[name]["analysis_seconds"] = round(v, 1)
     for r in conn.execute(select(
-        FI.c.lease_owner, func.count().label("n"), func.sum(case((FI.c.lease_expires < now, 1), else_=0)).label("expired"),
+        FI.c.lease_owner, func.count().label("n"), func.count().filter(FI.c.lease_expires < now).label("expired"),
     ).where(FI.c.state == "working").group_by(FI.c.lease_owner)):
         d = hosts.setdefault(r.lease_owner or "(unknown)", {"analyses": 0, "last_minute": 0, "last_hour": 0, "analysis_seconds": 0.0})
         d["leases"], d["expired_leases"] = r.n, int(r.expired or 0)
     return dict(sorted(hosts.items()))
+
+
+def host_activity(conn: Connection, now: float) -> dict:
+    """Per host: analyses written (all time, last minute, last hour), analysis seconds, and the
+    leases it holds now (and how many of them have expired: a host that died)."""
+    return _hosts(conn, _analysis_activity(conn, now), now)
 
 
 def recorded_roots(conn: Connection) -> list[str]:

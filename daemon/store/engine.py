@@ -81,8 +81,12 @@ def _v2_reviews(conn: Connection) -> None:
     migrate_v2(conn)
 
 
+def _v3_sort_indexes(conn: Connection) -> None:
+    schema.migrate_v3(conn)
+
+
 # Each migration runs in its own transaction; index i brings the schema to version i + 1.
-MIGRATIONS: list[Callable[[Connection], None]] = [_v1, _v2_reviews]
+MIGRATIONS: list[Callable[[Connection], None]] = [_v1, _v2_reviews, _v3_sort_indexes]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 from sqlalchemy import (
     BigInteger,
     Column,
+    Connection,
     Float,
     ForeignKey,
     Index,
@@ -135,3 +136,27 @@ events = Table(
     Column("detail", Text),
     Index("ix_events_at", "at"),
 )
+
+
+# --------------------------------------------------------------------------------------------
+# Schema version 3: the indexes of the face lists' sorts end with the face id, the tiebreak of
+# every sort, so that a page of faces sorted by p(male), age, width or score starts at its
+# position (keyset paging) straight from the index, even among many equal values (every face of
+# a bundle without the age model has no age). They replace the single-column indexes, which they
+# serve as well. SQLite's indexes end with the row id anyway; the same indexes keep both
+# databases alike. Declared on a private copy of the table: ``metadata`` stays version 1.
+
+_faces_v3 = Table("faces", MetaData(), Column("id", Integer, primary_key=True), Column("p_male", Float), Column("age", Float),
+                  Column("width_px", Float), Column("score", Float))
+_SORTED = (("p_male", "p_male"), ("age", "age"), ("width", "width_px"), ("score", "score"))
+SORT_INDEXES = tuple(Index(f"ix_faces_{name}_id", _faces_v3.c[col], _faces_v3.c.id) for name, col in _SORTED)
+REPLACED_INDEXES = tuple(Index(f"ix_faces_{name}", _faces_v3.c[col]) for name, col in _SORTED)
+
+
+def migrate_v3(conn: Connection) -> None:
+    """Schema version 3 (in the migration's transaction): the face sort indexes end with the
+    face id (see above)."""
+    for ix in REPLACED_INDEXES:
+        ix.drop(conn, checkfirst=True)
+    for ix in SORT_INDEXES:
+        ix.create(conn, checkfirst=True)
