@@ -70,7 +70,7 @@ def build(url: str, n_faces: int, seed: int = 7) -> dict:
         for copy in range(2 if i % 10 == 0 else 1):
             file_id += 1
             files.append({"id": file_id, "path": f"{root}/{'copy/' if copy else ''}dir{i % 200:03d}/IMG_{i:07d}.jpg", "root": root, "size": 1,
-                          "mtime_ns": int(seen * 1e9), "state": "done", "image_id": i, "attempts": 1, "first_seen": seen + copy,
+                          "mtime_ns": int(seen * 1e9), "state": "done", "reason": None, "image_id": i, "attempts": 1, "first_seen": seen + copy,
                           "last_seen": seen + copy, "updated": seen + copy})
         bundles = [OLD, NEW] if i % 8 == 0 else [NEW]
         for b in bundles:
