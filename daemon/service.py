@@ -397,13 +397,12 @@ class Service:
 
         try:
             fn()
-            self.db_failures = self.internal_failures = 0
+            self.internal_failures = 0
             if self.db_down_since is not None:
-                down, self.db_down_since = time.time() - self.db_down_since, None
-                log.warning("database reachable again after %.0f s; resuming (%d result(s) kept meanwhile)", down, len(self.unrecorded))
-                self.notifier.status(self._status_text())
-                if self.store is not None:
-                    self.store.event("database_outage", {"seconds": round(down, 1)})
+                # a step may touch no table (nothing to do): the outage is over only when a write
+                # succeeds, and recording the outage is that write (it raises while still down)
+                self._record_outage()
+            self.db_failures = 0
         except DBAPIError as err:
             self.db_failures += 1
             if self.db_down_since is None:
@@ -424,6 +423,16 @@ class Service:
             if self.internal_failures >= 20:
                 raise
             self._sleep(min(5.0, 0.2 * self.internal_failures))
+
+    def _record_outage(self) -> None:
+        """Record the database outage that ``db_down_since`` marks, and end it (raises a
+        DBAPIError, leaving it marked, while the database is still unreachable)."""
+        down = time.time() - (self.db_down_since or time.time())
+        if self.store is not None:
+            self.store.event("database_outage", {"seconds": round(down, 1)})
+        self.db_down_since = None
+        log.warning("database reachable again after %.0f s; resuming (%d result(s) kept meanwhile)", down, len(self.unrecorded))
+        self.notifier.status(self._status_text())
 
     def _take_signals(self, timeout: float) -> None:
         """Collect pending signals, waiting up to ``timeout`` s for the first one (our sleep)."""
@@ -909,6 +918,11 @@ class Service:
         log.info("stopping: %d file(s) in flight, %d claimed ahead released", n, len(self.prefetch))
         if self.watcher is not None:
             self.watcher.stop()
+        if self.db_down_since is not None:  # stopped while backing off: the outage may be over
+            try:
+                self._record_outage()
+            except Exception as err:  # noqa: BLE001 - still down: the results kept are handled below
+                log.warning("database still unreachable while stopping (%s)", err)
         if self.pool is not None:
             self._record_kept()
         if self.prefetch:
