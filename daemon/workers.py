@@ -143,10 +143,6 @@ class _Worker:
         self.tasks: deque[Task] = deque()  # sent and not answered yet, in order; tasks[0] is running
         self.since = 0.0  # when tasks[0] started (at the latest)
 
-    @property
-    def task(self) -> Task | None:
-        return self.tasks[0] if self.tasks else None
-
 
 class WorkerPool:
     """``n`` worker processes. Use from one thread: ``submit`` when ``free()``, then ``poll``.

@@ -8,6 +8,7 @@ import hashlib
 import re
 import shutil
 from collections.abc import Iterator
+from urllib.parse import parse_qs
 
 import cv2
 import numpy as np
@@ -297,17 +298,26 @@ def _face_ids(html: str) -> list[int]:
     return [int(x) for x in re.findall(r'data-face-id="(\d+)"', html)]
 
 
-def parse_qs(query: str) -> dict[str, list[str]]:
-    from urllib.parse import parse_qs as parse
-
-    return parse(query)
-
-
 def _link(html: str, name: str) -> str | None:
     import html as html_mod
 
     m = re.search(rf'id="{name}" href="([^"]+)"', html)
     return html_mod.unescape(m.group(1)) if m else None
+
+
+def _follow(client: TestClient, route: str, page, rel: str, rows, check=lambda link, page: None):  # noqa: ANN001, ANN201
+    """From ``page``, follow its ``rel`` link ("next" or "prev") until there is none: the ``rows``
+    of every page reached (``page``'s first), and the last page. ``check(link, page)`` runs on
+    every link followed and the page it gave."""
+    out = []
+    while True:
+        assert page.status_code == 200
+        out.append(rows(page.text))
+        link = _link(page.text, rel)
+        if link is None:
+            return out, page
+        page = client.get(route + link)
+        check(link, page)
 
 
 def _all_faces(url: str, sort: str, bundle: str) -> list[int]:
@@ -328,27 +338,19 @@ def test_faces_pages_follow_next_and_previous_links(ties_web) -> None:  # noqa: 
         full = _all_faces(url, sort, "all")
         page = client.get("/faces", params={"sort": sort, "limit": "4", "bundle": "all"})
         assert _link(page.text, "prev") is None and _link(page.text, "first") is None
-        pages = []
-        while True:
-            assert page.status_code == 200
-            pages.append(_face_ids(page.text))
-            nxt = _link(page.text, "next")
-            if nxt is None:
-                break
+
+        def forward(nxt: str, page, sort: str = sort) -> None:  # noqa: ANN001
             q = parse_qs(nxt[1:])
             assert set(q) == {"bundle", "limit", "after"} | ({"sort"} if sort != "path" else set()) and q["bundle"] == ["all"]
-            page = client.get("/faces" + nxt)
             assert parse_qs(_link(page.text, "first")[1:]) == {k: v for k, v in q.items() if k != "after"}
+
+        def backward(prev: str, page) -> None:  # noqa: ANN001
+            assert "before=" in prev
+
+        pages, page = _follow(client, "/faces", page, "next", _face_ids, forward)
         assert [i for p in pages for i in p] == full, sort  # every face once, in order, ties and all
         assert all(len(p) == 4 for p in pages[:-1])
-        back = []
-        while True:
-            back.append(_face_ids(page.text))
-            prev = _link(page.text, "prev")
-            if prev is None:
-                break
-            assert "before=" in prev
-            page = client.get("/faces" + prev)
+        back, _ = _follow(client, "/faces", page, "prev", _face_ids, backward)
         assert back == pages[::-1], sort
     # offset still works (old links); its next link is a position
     page = client.get("/faces", params={"sort": "id", "limit": "4", "offset": "4"})
@@ -381,22 +383,10 @@ def test_images_pages_follow_next_and_previous_links(ties_web) -> None:  # noqa:
     client, url = ties_web
     for sort in ("path", "-faces", "size", "-seen", "sha256"):
         page = client.get("/images", params={"sort": sort, "limit": "3"})
-        pages = []
-        while True:
-            pages.append(_image_paths(page.text))
-            nxt = _link(page.text, "next")
-            if nxt is None:
-                break
-            page = client.get("/images" + nxt)
+        pages, page = _follow(client, "/images", page, "next", _image_paths)
         flat = [p for ps in pages for p in ps]
         assert flat == _all_images(url, sort) and len(set(flat)) == 11, (sort, flat)
-        back = []
-        while True:
-            back.append(_image_paths(page.text))
-            prev = _link(page.text, "prev")
-            if prev is None:
-                break
-            page = client.get("/images" + prev)
+        back, _ = _follow(client, "/images", page, "prev", _image_paths)
         assert back == pages[::-1], sort
 
 

@@ -16,6 +16,7 @@ chips). The file on disk, and the hash the bundle records, are unchanged.
 from __future__ import annotations
 
 import ctypes
+import functools
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -110,25 +111,23 @@ class Session:
         return self._session.run(self.output_names, feeds)
 
 
-_ARENA: list[bool] = []  # registered once per process (onnxruntime's environment is global)
 # The first region of the shared arena: a 1280x1280 detector input and the classifiers fit in it
 # (384 MiB did not: a second region followed, with its own pages). Virtual until touched.
 ARENA_INITIAL_BYTES = 512 << 20
 
 
+@functools.cache  # registered once per process (onnxruntime's environment is global)
 def _shared_arena() -> bool:
     """Register one CPU arena for every session of this process (no cap; grows by powers of two
     beyond its first region, for detector inputs larger than max_side 1280 allows)."""
-    if not _ARENA:
-        try:
-            cfg = ort.OrtArenaCfg(0, 0, ARENA_INITIAL_BYTES, -1)  # max_mem 0: none; 0: kNextPowerOfTwo
-            info = ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT)
-            ort.create_and_register_allocator(info, cfg)
-            _ARENA.append(True)
-        except Exception as err:  # noqa: BLE001 - an older onnxruntime: each session keeps its own arena
-            log.debug("no shared onnxruntime arena (%s); sessions use their own", err)
-            _ARENA.append(False)
-    return _ARENA[0]
+    try:
+        cfg = ort.OrtArenaCfg(0, 0, ARENA_INITIAL_BYTES, -1)  # max_mem 0: none; 0: kNextPowerOfTwo
+        info = ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT)
+        ort.create_and_register_allocator(info, cfg)
+        return True
+    except Exception as err:  # noqa: BLE001 - an older onnxruntime: each session keeps its own arena
+        log.debug("no shared onnxruntime arena (%s); sessions use their own", err)
+        return False
 
 
 def _trim_heap() -> None:

@@ -249,23 +249,27 @@ def cmd_faces(args: argparse.Namespace) -> int:
     try:
         with engine.connect() as conn:
             sc = read.scope(conn, f, cut)
-            rows = read.faces(conn, f, sc, stream=True)
-            if args.format == "table" and f.limit and (f.after is not None or f.before is not None):  # keyset: say where next
-                page = read.face_page(conn, f, sc)
-                n = write_face_table(sys.stdout, page.rows)
+            if args.format == "table":
+                page = read.face_page(conn, f, sc) if _keyset(f) else None
+                n = write_face_table(sys.stdout, page.rows if page else read.faces(conn, f, sc, stream=True))
                 total = read.count_faces(conn, f.page(None), sc)
-                more = f"; more with --after={shlex.quote(page.next)}" if page.next else ""
-                print(f"{n} of {total} matching face(s) shown (cut: threshold {sc.cut.threshold:g}, margin {sc.cut.margin:g}){more}")
-            elif args.format == "table":
-                n = write_face_table(sys.stdout, rows)
-                total = read.count_faces(conn, f.page(None), sc)
-                more = f"; more with --offset {f.offset + n}" if f.offset + n < total else ""
+                if page:  # say where the next page starts
+                    more = f"; more with --after={shlex.quote(page.next)}" if page.next else ""
+                else:
+                    more = f"; more with --offset {f.offset + n}" if f.offset + n < total else ""
                 print(f"{n} of {total} matching face(s) shown (cut: threshold {sc.cut.threshold:g}, margin {sc.cut.margin:g}){more}")
             else:
+                rows = read.faces(conn, f, sc, stream=True)
                 _write_rows(sys.stdout, args.format, "faces", _head(cfg, f, sc), FACE_COLUMNS, (face_record(r) for r in rows))
     finally:
         engine.dispose()
     return 0
+
+
+def _keyset(f) -> bool:  # noqa: ANN001
+    """A page at a position (``--after``/``--before`` with ``--limit``): its table says where
+    the next page starts."""
+    return bool(f.limit) and (f.after is not None or f.before is not None)
 
 
 def _write_rows(out: TextIO, fmt: str, kind: str, head: dict, columns, rows: Iterable[dict]) -> int:  # noqa: ANN001
@@ -286,13 +290,14 @@ def cmd_images(args: argparse.Namespace) -> int:
         with engine.connect() as conn:
             sc = read.scope(conn, f, cut)
             rows = read.images(conn, f, sc, stream=True)
-            if args.format == "table" and f.limit and (f.after is not None or f.before is not None):  # keyset: say where next
-                page = read.image_page(conn, f, sc)
-                n = write_image_table(sys.stdout, page.rows)
-                print(f"{n} image(s) shown" + (f"; more with --after={shlex.quote(page.next)}" if page.next else ""))
-            elif args.format == "table":
-                n = write_image_table(sys.stdout, rows)
-                print(f"{n} image(s) shown" + (f"; more with --offset {f.offset + n}" if f.limit and n == f.limit else ""))
+            if args.format == "table":
+                page = read.image_page(conn, f, sc) if _keyset(f) else None
+                n = write_image_table(sys.stdout, page.rows if page else rows)
+                if page:
+                    more = f"; more with --after={shlex.quote(page.next)}" if page.next else ""
+                else:
+                    more = f"; more with --offset {f.offset + n}" if f.limit and n == f.limit else ""
+                print(f"{n} image(s) shown{more}")
             elif args.format == "csv":
                 write_csv(sys.stdout, IMAGE_COLUMNS, (image_record(r) for r in rows))
             else:

@@ -843,11 +843,10 @@ def stats(conn: Connection, f: Filters, sc: Scope, *, now: float | None = None) 
     # totals are the sums), plus the faces of contents no recorded path holds any more. As few
     # aggregates per face as possible: uncertain and unknown ages are what is left over, and an
     # age band [lo, hi) is count(age < hi) - count(age < lo).
-    t_, m_ = sc.cut.threshold, sc.cut.margin
     p, age = F.c.p_male, F.c.age
     spread = func.coalesce(F.c.age_std, 0.0)
     bounds = sorted({x for lo, hi, _ in AGE_BANDS for x in (lo, hi)})
-    conds = {"female": p <= t_ - m_ if m_ > 0 else p < t_, "male": p >= t_ + m_ if m_ > 0 else p >= t_,
+    conds = {"female": _gender_cond(p, sc.cut, ("female",)), "male": _gender_cond(p, sc.cut, ("male",)),
              **{f"below_{i}": age < x for i, x in enumerate(bounds)},
              "likely_minors": age + spread < ADULT_AGE, "possible_minors": age - spread < ADULT_AGE}
     cols = [func.count().label("faces"), func.count(func.distinct(A.c.image_id)).label("images_with_faces"), func.count(age).label("aged"),
@@ -875,7 +874,7 @@ def stats(conn: Connection, f: Filters, sc: Scope, *, now: float | None = None) 
     out["faces"] = totals["faces"]
     out["images_with_faces"] = totals["images_with_faces"]
     out["cut"] = {"threshold": sc.cut.threshold, "margin": sc.cut.margin}
-    uncertain = totals["faces"] - totals["female"] - totals["male"] if m_ > 0 else 0
+    uncertain = totals["faces"] - totals["female"] - totals["male"]  # zero without a margin: every face is one or the other
     out["gender"] = {"female": totals["female"], "male": totals["male"], "uncertain": uncertain}
     below = {x: totals[f"below_{i}"] for i, x in enumerate(bounds)}
     out["age"] = {name: below[hi] - below[lo] for lo, hi, name in AGE_BANDS}
@@ -918,31 +917,26 @@ def _analysis_activity(conn: Connection, now: float) -> list:
 
 
 def _hosts(conn: Connection, activity: list, now: float) -> dict:
-    """Per host, from :func:`_analysis_activity`'s rows and the leases held now (see :func:`host_activity`)."""
+    """Per host, from :func:`_analysis_activity`'s rows: analyses written (all time, last minute,
+    last hour), analysis seconds, and the leases it holds now (and how many of them have expired:
+    a host that died)."""
     FI = s.files  # noqa: N806
     hosts: dict[str, dict] = {}
-    secs: dict[str, float] = {}
     for r in activity:
-        name = r.host or "(unknown)"
-        d = hosts.setdefault(name, {"analyses": 0, "last_minute": 0, "last_hour": 0, "analysis_seconds": 0.0, "leases": 0, "expired_leases": 0})
+        d = hosts.setdefault(r.host or "(unknown)", {"analyses": 0, "last_minute": 0, "last_hour": 0, "analysis_seconds": 0.0,
+                                                     "leases": 0, "expired_leases": 0})
         d["analyses"] += r.n
         d["last_minute"] += int(r.minute or 0)
         d["last_hour"] += int(r.hour or 0)
-        secs[name] = secs.get(name, 0.0) + float(r.secs or 0)
-    for name, v in secs.items():
-        hosts[name]["analysis_seconds"] = round(v, 1)
+        d["analysis_seconds"] += float(r.secs or 0)
+    for d in hosts.values():
+        d["analysis_seconds"] = round(d["analysis_seconds"], 1)
     for r in conn.execute(select(
         FI.c.lease_owner, func.count().label("n"), func.count().filter(FI.c.lease_expires < now).label("expired"),
     ).where(FI.c.state == "working").group_by(FI.c.lease_owner)):
         d = hosts.setdefault(r.lease_owner or "(unknown)", {"analyses": 0, "last_minute": 0, "last_hour": 0, "analysis_seconds": 0.0})
         d["leases"], d["expired_leases"] = r.n, int(r.expired or 0)
     return dict(sorted(hosts.items()))
-
-
-def host_activity(conn: Connection, now: float) -> dict:
-    """Per host: analyses written (all time, last minute, last hour), analysis seconds, and the
-    leases it holds now (and how many of them have expired: a host that died)."""
-    return _hosts(conn, _analysis_activity(conn, now), now)
 
 
 def recorded_roots(conn: Connection) -> list[str]:
