@@ -13,6 +13,7 @@ from pathlib import Path
 
 from daemon import __version__
 from daemon import config as config_mod
+from daemon.paths import show, to_db
 
 log = logging.getLogger("daemon")
 
@@ -21,10 +22,23 @@ log = logging.getLogger("daemon")
 PLUGINS = ("daemon.models", "daemon.evaluate", "daemon.service", "daemon.queries.cli", "daemon.web")
 
 
+class _SafeFormatter(logging.Formatter):
+    """Escapes control and bidi characters in the message (a file name cannot forge a log line
+    or clear a terminal); tracebacks keep their lines."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:  # noqa: N802 (logging's name)
+        from daemon.paths import show
+
+        record.message = show(record.message)
+        return super().formatMessage(record)
+
+
 def setup_logging(level: str = "INFO") -> None:
     """Log to stderr; without timestamps under systemd (journald adds them)."""
     fmt = "%(levelname)s %(name)s: %(message)s" if os.environ.get("JOURNAL_STREAM") else "%(asctime)s %(levelname)s %(name)s: %(message)s"
-    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO), format=fmt, stream=sys.stderr, force=True)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_SafeFormatter(fmt))
+    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO), handlers=[handler], force=True)
 
 
 def add_config_args(p: argparse.ArgumentParser, *, db: bool = True) -> None:
@@ -69,7 +83,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     pipeline = load_pipeline(cfg.pipeline)
     failed = 0
     for path in inputs:
-        doc: dict = {"path": str(path), "sha256": None, "width": None, "height": None, "status": "ok", "faces": []}
+        doc: dict = {"path": to_db(path), "sha256": None, "width": None, "height": None, "status": "ok", "faces": []}
         try:
             fb = images.read_file(path, max_bytes=cfg.pipeline.limits.max_file_bytes)
             doc.update(sha256=fb.sha256, md5=fb.md5)
@@ -92,9 +106,9 @@ def cmd_analyze(args: argparse.Namespace) -> int:
 
 def _print_analysis(doc: dict) -> None:
     if doc["status"] != "ok":
-        print(f"{doc['path']}: FAILED ({doc['reason']}): {doc['error']}")
+        print(f"{show(doc['path'])}: FAILED ({doc['reason']}): {show(doc['error'])}")
         return
-    print(f"{doc['path']}: {doc['width']}x{doc['height']} {doc.get('format')}, {len(doc['faces'])} face(s), sha256 {doc['sha256'][:16]}…")
+    print(f"{show(doc['path'])}: {doc['width']}x{doc['height']} {doc.get('format')}, {len(doc['faces'])} face(s), sha256 {doc['sha256'][:16]}…")
     for i, f in enumerate(doc["faces"]):
         x1, y1, x2, y2 = f["box"]
         age = f"age {f['age']:.0f}±{f['age_std']:.0f}" if f.get("age") is not None else ""
@@ -107,8 +121,8 @@ def cmd_scan(args: argparse.Namespace) -> int:
 
     cfg = load_config(args)
     for p in args.paths:
-        if not os.path.exists(p):
-            print(f"forensic-gender scan: {p}: no such file or directory", file=sys.stderr)
+        if not os.path.lexists(p):
+            print(f"forensic-gender scan: {show(to_db(p))}: no such file or directory", file=sys.stderr)
             return 2
     bar = None
     if not args.no_progress:
@@ -129,11 +143,18 @@ def cmd_scan(args: argparse.Namespace) -> int:
             bar.close()
     d = s.discovered
     g = s.genders
+    for link, real in s.resolved:
+        print(f"note: {show(to_db(link))} is a symbolic link; scanned the folder it points to, {show(to_db(real))}")
     print(f"files: {d.new} new, {d.changed + d.revived} changed, {d.unchanged} unchanged")
-    print(f"images: {s.analysed} analysed, {s.linked} already known (same content), {sum(s.failures.values())} failed")
-    print(f"faces: {s.faces} (female {g['female']}, male {g['male']}, uncertain {g['uncertain']})")
+    print(f"this run: {s.analysed} analysed, {s.linked} already known (same content), {sum(s.failures.values())} failed")
     if s.failures:
-        print("failures: " + ", ".join(f"{k} {v}" for k, v in s.failures.most_common()))
+        print("  failures: " + ", ".join(f"{k} {v}" for k, v in s.failures.most_common()))
+    print(f"faces: {s.faces} (female {g['female']}, male {g['male']}, uncertain {g['uncertain']})")
+    st = s.states
+    print(f"in the database under these paths: {sum(st.values())} files: {st['done']} done, {st['failed']} failed,"
+          f" {st['quarantined']} quarantined, {st['queued'] + st['working']} waiting")
+    if s.reasons:
+        print("  failures: " + ", ".join(f"{k} {v}" for k, v in s.reasons.most_common()))
     print(f"time: {s.seconds:.1f} s, {s.images_per_second:.2f} images/s; database {cfg.database}; model bundle {s.bundle_key}")
     return 0
 

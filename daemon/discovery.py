@@ -1,9 +1,16 @@
 """Finding files under evidence roots: one walk for scans, start-up and rescans.
 
 Nothing here opens a file: entries are ``lstat``-ed only. Directories are never followed through
-symbolic links (no loops, nothing outside the root). A symbolic link, FIFO, socket or device
-is reported with a reason so that it ends in the database as failed, not silently skipped.
-Temporary names of copy tools and OS junk are ignored (they are not evidence, or not yet).
+symbolic links (no loops, nothing outside the root). Every entry ends as a row: a symbolic link,
+FIFO, socket or device is reported with a reason so that it is recorded as failed, and a folder
+that cannot be listed (or an entry that cannot be ``lstat``-ed) is reported as ``unreadable``
+(a folder's row is its path with a trailing separator). No name is ignored: temporary names of
+copy tools (``*.part``, rsync's ``.name.XXXXXX``) are evidence like any other once their size and
+time stay the same (the watcher's stability window); OS side files (``.DS_Store``, ``Thumbs.db``,
+``@eaDir`` thumbnails, recycle bins) are recorded too: they are part of the evidence.
+
+Paths here are OS paths (``str`` with ``surrogateescape`` for names that are not UTF-8); the
+store records them losslessly (:mod:`daemon.paths`).
 """
 
 from __future__ import annotations
@@ -19,9 +26,6 @@ from daemon.store.writer import FileStat
 
 log = logging.getLogger(__name__)
 
-JUNK_NAMES = frozenset({".DS_Store", "Thumbs.db", "desktop.ini", "ehthumbs.db", ".localized"})
-JUNK_DIRS = frozenset({"@eaDir", ".Trashes", ".Spotlight-V100", ".fseventsd", "$RECYCLE.BIN", ".TemporaryItems"})
-
 
 @dataclass(frozen=True)
 class Filter:
@@ -33,28 +37,9 @@ class Filter:
 
     def accepts(self, relpath: str) -> bool:
         name = os.path.basename(relpath)
-        if is_ignored_name(name):
-            return False
-        if any(part in JUNK_DIRS for part in relpath.split(os.sep)[:-1]):
-            return False
         if not any(fnmatch.fnmatch(relpath, p) or fnmatch.fnmatch(name, p) for p in self.include):
             return False
         return not any(fnmatch.fnmatch(relpath, p) or fnmatch.fnmatch(name, p) for p in self.exclude)
-
-
-def is_ignored_name(name: str) -> bool:
-    """Temporary names of copy tools (``.name.XXXXXX`` of rsync, ``*.part``, ``*.crdownload``,
-    ``~$*``, ``*.tmp``) and OS junk (``._*``, ``.DS_Store``, ``Thumbs.db``, ``desktop.ini``)."""
-    if name in JUNK_NAMES or name in JUNK_DIRS or name.startswith("._") or name.startswith("~$"):
-        return True
-    if name.endswith((".part", ".partial", ".crdownload", ".tmp", ".swp", "~")):
-        return True
-    # rsync / mktemp style: ".name.ext.XXXXXX"
-    if name.startswith(".") and name.count(".") >= 2:
-        suffix = name.rsplit(".", 1)[1]
-        if len(suffix) == 6 and suffix.isalnum():
-            return True
-    return False
 
 
 def stat_path(path: str, root: str) -> FileStat | None:
@@ -64,8 +49,13 @@ def stat_path(path: str, root: str) -> FileStat | None:
     except FileNotFoundError:
         return None
     except OSError as err:
-        return FileStat(path, root, 0, 0, None, "unreadable", f"cannot stat {path!r}: {err.strerror}")
+        return _unreadable(path, root, "its attributes cannot be read (lstat)", err)
     return from_stat(path, root, st)
+
+
+def _unreadable(path: str, root: str, what: str, err: OSError) -> FileStat:
+    return FileStat(path, root, 0, 0, None, "unreadable",
+                    f"{what}: {err.strerror}; grant the service user read and search (x) permission on it and its folder")
 
 
 def from_stat(path: str, root: str, st: os.stat_result) -> FileStat | None:
@@ -91,7 +81,8 @@ def _readlink(path: str) -> str:
 
 
 def walk(root: str, *, recursive: bool = True, filt: Filter | None = None) -> Iterator[FileStat]:
-    """Every accepted entry under ``root`` (which may also be a single file), lstat-ed once."""
+    """Every accepted entry under ``root`` (which may also be a single file), lstat-ed once. A
+    folder that cannot be listed is yielded as an ``unreadable`` row named ``folder/``."""
     filt = filt or Filter()
     root = os.path.abspath(root)
     if not os.path.isdir(root) or os.path.islink(root):
@@ -107,18 +98,25 @@ def walk(root: str, *, recursive: bool = True, filt: Filter | None = None) -> It
         try:
             with os.scandir(d) as it:
                 entries = sorted(it, key=lambda e: e.name)
+        except FileNotFoundError:
+            continue  # removed while we walked
         except OSError as err:
             log.warning("cannot list %s: %s", d, err.strerror)
+            yield _unreadable(d.rstrip(os.sep) + os.sep, root, "the folder cannot be listed", err)
             continue
         subdirs = []
         for e in entries:
             rel = os.path.relpath(e.path, root)
             try:
                 st = e.stat(follow_symlinks=False)
-            except OSError:
+            except FileNotFoundError:
+                continue
+            except OSError as err:
+                if filt.accepts(rel):
+                    yield _unreadable(e.path, root, "its attributes cannot be read (lstat)", err)
                 continue
             if stat.S_ISDIR(st.st_mode):
-                if recursive and e.name not in JUNK_DIRS:
+                if recursive:
                     subdirs.append(e.path)
                 continue
             if not filt.accepts(rel):

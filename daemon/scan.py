@@ -12,13 +12,13 @@ import logging
 import os
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 from daemon.config import Config
 from daemon.discovery import walk
 from daemon.store.engine import open_store_engine
-from daemon.store.writer import Store, UpsertCounts
+from daemon.store.writer import FileStat, Store, UpsertCounts
 from daemon.workers import Analysed, Crashed, Failed, Linked, Outcome, Task, WorkerPool
 
 log = logging.getLogger(__name__)
@@ -26,7 +26,10 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class ScanSummary:
-    """What a scan did; ``failures`` counts failed files by reason."""
+    """What a scan did. ``failures`` counts the files of this run that failed, by reason (at
+    discovery or in analysis); ``states``/``reasons`` are what the database holds afterwards for
+    every live file under the scanned paths (so the summary never disagrees with it);
+    ``resolved`` lists the paths given as symbolic links and what they were resolved to."""
 
     discovered: UpsertCounts = field(default_factory=UpsertCounts)
     analysed: int = 0
@@ -34,6 +37,9 @@ class ScanSummary:
     faces: int = 0
     genders: Counter = field(default_factory=Counter)
     failures: Counter = field(default_factory=Counter)
+    states: Counter = field(default_factory=Counter)
+    reasons: Counter = field(default_factory=Counter)
+    resolved: list[tuple[str, str]] = field(default_factory=list)
     seconds: float = 0.0
     bundle_key: str = ""
 
@@ -69,6 +75,14 @@ def record(store: Store, outcome: Outcome, bundle_key: str, max_attempts: int, s
             summary.failures[outcome.reason] += 1
 
 
+def _noting_folders(stats: Iterable[FileStat], folders: set[str]) -> Iterator[FileStat]:
+    """Pass discovery through, noting the rows of folders that could not be listed."""
+    for st in stats:
+        if st.path.endswith(os.sep):
+            folders.add(st.path)
+        yield st
+
+
 def scan(paths: Sequence[str], cfg: Config, *, workers: int = 0, progress: Callable[[int, int], None] | None = None) -> ScanSummary:
     """Analyse every image under ``paths`` into ``cfg.database``. ``progress(done, total)``."""
     t0 = time.perf_counter()
@@ -78,8 +92,17 @@ def scan(paths: Sequence[str], cfg: Config, *, workers: int = 0, progress: Calla
     prefixes: list[str] = []
     for p in paths:
         ap = os.path.abspath(p)
-        prefixes.append(ap + os.sep if os.path.isdir(ap) else ap)
-        c = store.upsert_files(walk(ap))
+        if os.path.islink(ap) and os.path.isdir(ap):  # a root given as a link: resolved once, and said so
+            real = os.path.realpath(ap)
+            log.warning("%s is a symbolic link to the folder %s: scanning %s (paths are recorded there)", ap, real, real)
+            summary.resolved.append((ap, real))
+            ap = real
+        prefix = ap + os.sep if os.path.isdir(ap) else ap
+        prefixes.append(prefix)
+        seen_folders: set[str] = set()
+        c = store.upsert_files(_noting_folders(walk(ap), seen_folders))
+        summary.failures.update(c.failed)
+        store.resolve_folders(prefix, seen_folders)
         for k in ("new", "changed", "unchanged", "revived"):
             setattr(summary.discovered, k, getattr(summary.discovered, k) + getattr(c, k))
     pool = WorkerPool(default_workers(workers or cfg.service.workers), cfg.pipeline, db_url=cfg.database,
@@ -100,7 +123,7 @@ def scan(paths: Sequence[str], cfg: Config, *, workers: int = 0, progress: Calla
                 claims = store.claim(pool.free(), lease, prefixes=prefixes)
                 exhausted = not claims
                 for c in claims:
-                    pool.submit(Task(c.id, c.path))
+                    pool.submit(Task(c.id, c.path, c.root, c.inode))
             if not pool.busy():
                 if exhausted:
                     break
@@ -114,6 +137,8 @@ def scan(paths: Sequence[str], cfg: Config, *, workers: int = 0, progress: Calla
             if time.monotonic() - last_renew > lease / 3:
                 store.renew([t.file_id for t in pool.busy()], lease)
                 last_renew = time.monotonic()
+        tally = store.tally(prefixes)
+        summary.states, summary.reasons = tally["states"], tally["reasons"]
     finally:
         store.release([t.file_id for t in pool.busy()])
         pool.close()

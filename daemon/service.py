@@ -46,6 +46,7 @@ from daemon import __version__
 from daemon import config as config_mod
 from daemon.config import Config, ConfigError, RootConfig
 from daemon.discovery import stat_path, walk
+from daemon.paths import show, to_db
 from daemon.notify import Notifier
 from daemon.scan import default_workers, record
 from daemon.store.writer import Claim, FileStat, Store, UpsertCounts
@@ -579,7 +580,7 @@ class Service:
                 self.moved_inflight.add(fid)
         for i, c in enumerate(self.prefetch):
             if c.path == src:
-                self.prefetch[i] = Claim(c.id, dest, c.attempts)
+                self.prefetch[i] = replace(c, path=dest)
 
     def _settle_due(self) -> None:
         for path, root in self.tracker.due(MAX_DUE_PER_STEP):
@@ -708,7 +709,9 @@ class Service:
                 if not rows:
                     break
                 after = rows[-1][0]
-                missing = [p for _, p in rows if hash(p) not in seen and p not in self.tracker and _vanished(p)]
+                # a folder's row (it could not be listed) ends when the folder is listed again
+                missing = [p for _, p in rows if hash(p) not in seen and p not in self.tracker
+                           and (p.endswith(os.sep) or _vanished(p))]
                 if missing:
                     gone += store.mark_gone(missing)
                 yield
@@ -774,7 +777,7 @@ class Service:
                 skipped.append(c)  # wait for the stale run of the same file to come back
                 continue
             self.inflight[c.id] = c
-            self.pool.submit(Task(c.id, c.path))
+            self.pool.submit(Task(c.id, c.path, c.root, c.inode))
         self.prefetch.extendleft(reversed(skipped))
 
     def _record_kept(self) -> None:
@@ -1003,7 +1006,7 @@ def status_document(cfg: Config) -> dict:
     dbp = sqlite_path(cfg.database)
     pid = lock_holder(dbp + ".lock") if dbp else None
     running = pid is not None if dbp else any(h["alive"] for h in hosts)
-    configured = {r.path for r in cfg.watch.roots}
+    configured = {to_db(r.path) for r in cfg.watch.roots}
     roots = []
     for root in sorted(set(s["by_root"]) | configured):
         st = s["by_root"].get(root, {})
@@ -1051,7 +1054,7 @@ def print_status(doc: dict, out=sys.stdout) -> None:  # noqa: ANN001
         w("roots\n")
         for root in doc["roots"]:
             fr = root["files"]
-            w(f"  {root['root']}{' (not in this configuration)' if doc['configured_roots'] and not root['configured'] else ''}\n")
+            w(f"  {show(root['root'])}{' (not in this configuration)' if doc['configured_roots'] and not root['configured'] else ''}\n")
             w("    " + "  ".join(f"{k} {fr.get(k, 0)}" for k in ("total", "done", "queued", "working", "failed", "quarantined", "gone"))
               + f"  backlog {root['backlog']}\n")
 

@@ -35,8 +35,13 @@ ABORT_MARKER_ENV = "FORENSIC_GENDER_TEST_ABORT_MARKER"
 
 @dataclass(frozen=True)
 class Task:
+    """One file to analyse: its OS path and, for evidence under a root, the root and the inode
+    discovery saw (the reader opens it beneath the root and checks it is that file)."""
+
     file_id: int
     path: str
+    root: str | None = None
+    inode: int | None = None
 
 
 @dataclass(frozen=True)
@@ -113,7 +118,7 @@ def _process(pipeline, engine, task: Task) -> Outcome:  # noqa: ANN001
     from daemon.store.writer import analysed
 
     try:
-        fb = images.read_file(task.path, max_bytes=pipeline.cfg.limits.max_file_bytes)
+        fb = images.read_file(task.path, max_bytes=pipeline.cfg.limits.max_file_bytes, root=task.root, inode=task.inode)
     except images.ImageError as err:
         return Failed(task.file_id, err.reason, str(err))
     hashes = {"sha256": fb.sha256, "md5": fb.md5, "size": fb.size}

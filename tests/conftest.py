@@ -98,7 +98,8 @@ def db_url(request, tmp_path: Path) -> str:  # noqa: ANN001
 
 
 def tree_manifest(root: Path) -> dict[str, tuple]:
-    """Everything observable about a tree: per entry kind, size, mode, mtime, inode, sha256."""
+    """Everything observable about a tree: per entry kind, size, mode, mtime, ctime, inode, sha256
+    (names as bytes-faithful ``surrogateescape`` text, so that any name can be compared)."""
     out: dict[str, tuple] = {}
     for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
         for name in sorted(dirnames + filenames):
@@ -107,7 +108,7 @@ def tree_manifest(root: Path) -> dict[str, tuple]:
             digest = None
             if p.is_file() and not p.is_symlink() and os.access(p, os.R_OK):
                 digest = hashlib.sha256(p.read_bytes()).hexdigest()
-            out[str(p.relative_to(root))] = (st.st_mode, st.st_size, st.st_mtime_ns, st.st_ino, digest)
+            out[str(p.relative_to(root))] = (st.st_mode, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, digest)
     return out
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import os
+import random
 import struct
 import zlib
 from pathlib import Path
@@ -111,3 +112,43 @@ def make_tree(root: Path, face_jpeg: bytes) -> dict[str, tuple[str, str | None]]
     os.symlink(".", root / "self-loop-dir")  # a directory symlink loop: never followed
     expect["self-loop-dir"] = ("failed", "symlink")
     return expect
+
+
+def png(seed: int) -> bytes:
+    """A small unique image (noise: no face, analysed in milliseconds)."""
+    return encode(noise(32, 24, seed), "PNG")
+
+
+def hostile_names(n: int, seed: int = 18) -> list[bytes]:
+    """File names no tool would expect: the probe's cases, escapes that collide with the
+    recorded form of other names, and ``n`` random byte strings (any byte but NUL and ``/``)."""
+    fixed = [
+        b"bad\xff.jpg", b"bad\\xff.jpg", b"bad\\\\xff.jpg", b"\x1b[2J\x1b[31mred.jpg", b"line\nbreak.jpg",
+        "\u202egpj.exe".encode(), b"tab\there.jpg", b"cr\rhere.jpg", b"\x7f\x80\x9f.jpg", b"back\\slash.jpg",
+        b"\\", b"\\\\x41", "caf\u00e9.jpg".encode(), "caf\u00e9.jpg".encode("latin-1"), b"\xc3", b"\xed\xa0\x80.jpg",
+        b"x" * 255, b"photo.jpg.part", b"photo.tmp", b".hidden", b".photo.jpg.Ab12Cd", b"._photo.jpg", b"Thumbs.db",
+        b"-rf", b"=HYPERLINK(1)", b"'quoted'", b'"dq"', b"%s%n", b"$(id)", b"a b  c ",
+    ]
+    rng = random.Random(seed)
+    alphabet = [b for b in range(1, 256) if b != ord("/")]
+    out = list(fixed)
+    while len(out) < len(fixed) + n:
+        name = bytes(rng.choice(alphabet) for _ in range(rng.randint(1, 40)))
+        if name not in (b".", b"..") and name not in out:
+            out.append(name)
+    return out
+
+
+def make_named_tree(root: Path, names: list[bytes]) -> dict[bytes, bytes]:
+    """One distinct image per name (half of them one folder down, under a hostile folder name
+    too); returns ``{absolute path bytes: content}``."""
+    rb = os.fsencode(root)
+    os.makedirs(rb + b"/sub\xfe\x1b[0m", exist_ok=True)
+    files = {}
+    for i, name in enumerate(names):
+        p = rb + (b"/" if i % 2 == 0 else b"/sub\xfe\x1b[0m/") + name
+        data = png(i)
+        with open(p, "wb") as fh:
+            fh.write(data)
+        files[p] = data
+    return files

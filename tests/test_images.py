@@ -150,16 +150,21 @@ def test_read_file_falls_back_when_noatime_is_refused(tmp_path: Path, monkeypatc
     path.write_bytes(b"payload")
     real_open, seen = os.open, []
 
-    def fake_open(p: object, flags: int, *args: object) -> int:
-        seen.append(flags)
+    def fake_open(p: object, flags: int, *args: object, **kw: object) -> int:
+        if not flags & getattr(os, "O_DIRECTORY", 0):
+            seen.append(flags)
         if flags & getattr(os, "O_NOATIME", 0):
             raise PermissionError(errno.EPERM, "Operation not permitted")
-        return real_open(p, flags, *args)
+        return real_open(p, flags, *args, **kw)
 
     monkeypatch.setattr(images.os, "open", fake_open)
     assert read_file(path).data == b"payload"
     if hasattr(os, "O_NOATIME"):
         assert len(seen) == 2 and not seen[1] & os.O_NOATIME and seen[1] & os.O_NONBLOCK
+    seen.clear()  # the same beneath a root (evidence found by discovery), without following links
+    assert read_file(path, root=str(tmp_path), inode=path.stat().st_ino).data == b"payload"
+    if hasattr(os, "O_NOATIME"):
+        assert len(seen) == 2 and not seen[1] & os.O_NOATIME and seen[1] & os.O_NOFOLLOW
 
 
 def test_read_file_too_big_file(tmp_path: Path) -> None:

@@ -139,15 +139,17 @@ def test_tracker_window_zero_takes_at_once_and_can_be_changed() -> None:
         ("photo.jpg", True, True),
         ("sub/dir/photo.jpg", True, True),
         ("sub/photo.jpg", False, False),       # a non-recursive root ignores sub-folders
-        (".photo.jpg.Ab12Cd", True, False),    # rsync's temporary name
-        ("photo.jpg.part", True, False),
-        ("~$report.jpg", True, False),
-        ("._photo.jpg", True, False),          # macOS resource fork
-        (".DS_Store", True, False),
-        ("Thumbs.db", True, False),
-        ("desktop.ini", True, False),
-        ("@eaDir/photo.jpg", True, False),     # Synology thumbnails
-        (".Trashes/photo.jpg", True, False),
+        # no name is ignored: temporary names are taken once stable, OS side files are evidence too
+        (".photo.jpg.Ab12Cd", True, True),     # rsync's temporary name
+        ("photo.jpg.part", True, True),
+        ("photo.tmp", True, True),
+        ("~$report.jpg", True, True),
+        ("._photo.jpg", True, True),           # macOS resource fork
+        (".DS_Store", True, True),
+        ("Thumbs.db", True, True),
+        ("@eaDir/photo.jpg", True, True),      # Synology thumbnails of the evidence
+        (".Trashes/photo.jpg", True, True),    # deleted files
+        ("bad\udcff.jpg", True, True),        # a name that is not UTF-8 (surrogateescape)
         ("../outside.jpg", True, False),
         ("movie.mov", True, False),            # excluded by the root's pattern
     ],

@@ -1,12 +1,17 @@
 """Image I/O: the only module that reads evidence files and decodes pixels (OpenCV and Pillow).
 
 Reading (:func:`read_file`)
-    Evidence is read-only. A path is ``stat``-ed first (symlinks followed); anything that is not a
-    regular file (FIFO, socket, device, directory) is refused as ``not_regular_file`` without being
-    opened. Regular files are opened ``O_RDONLY | O_NONBLOCK | O_NOATIME`` (``O_NOATIME`` dropped
-    when the kernel answers EPERM, i.e. we are neither owner nor root), re-checked with ``fstat``
-    (so a path swapped for a FIFO between stat and open is still refused, and cannot block), read
-    once and hashed (SHA-256, MD5) in the same pass. Nothing is ever written or created anywhere.
+    Evidence is read-only. Evidence found under a root is opened *beneath* that root, one folder
+    at a time with ``O_NOFOLLOW`` (a file or folder swapped for a symbolic link after discovery is
+    refused as ``symlink``: nothing outside the root can be read through it), and the open
+    descriptor must be the regular file discovery saw (same inode, else ``replaced``). A file
+    named by the user (``analyze``) is ``stat``-ed first with symlinks followed. Anything that is
+    not a regular file (FIFO, socket, device, directory) is refused as ``not_regular_file``
+    without being opened. Regular files are opened ``O_RDONLY | O_NONBLOCK | O_NOATIME``
+    (``O_NOATIME`` dropped when the kernel answers EPERM, i.e. we are neither owner nor root),
+    re-checked with ``fstat`` (so a path swapped for a FIFO between stat and open is still
+    refused, and cannot block), read once and hashed (SHA-256, MD5) in the same pass. Nothing is
+    ever written or created anywhere.
 
 Formats
     Recognised by signature, never by file name. JPEG, PNG, GIF, WebP, BMP and TIFF are decoded;
@@ -100,6 +105,8 @@ REASONS = frozenset(
         "unreadable",
         "not_regular_file",
         "too_big_file",
+        "symlink",  # a symbolic link where discovery saw a regular file or folder (never followed)
+        "replaced",  # another file than the one discovered now has the name
     }
 )
 SUPPORTED_FORMATS = ("jpeg", "png", "gif", "webp", "bmp", "tiff")
@@ -217,34 +224,120 @@ def _too_big(path: str | bytes, size: int, max_bytes: int) -> ImageError:
     )
 
 
-def _open_readonly(path: str | bytes) -> int:
-    flags = os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
+_O_BASE = os.O_RDONLY | getattr(os, "O_CLOEXEC", 0)
+_O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+_O_DIR = getattr(os, "O_DIRECTORY", 0)
+
+
+def _open_readonly(path: str | bytes, *, dir_fd: int | None = None, follow: bool = True) -> int:
+    flags = _O_BASE | os.O_NONBLOCK | (0 if follow else _O_NOFOLLOW)
     noatime = getattr(os, "O_NOATIME", 0)
     try:
-        return os.open(path, flags | noatime)
+        return os.open(path, flags | noatime, dir_fd=dir_fd)
     except PermissionError as err:
         if not noatime or err.errno != errno.EPERM:
             raise
-        return os.open(path, flags)  # O_NOATIME needs owner or root; atime may now change
+        return os.open(path, flags, dir_fd=dir_fd)  # O_NOATIME needs owner or root; atime may now change
+
+
+def _swapped(p: bytes, what: str) -> ImageError:
+    return ImageError(
+        "symlink",
+        f"{_show(p)}: {what} must be a regular file or folder inside the root, got a symbolic link"
+        " (swapped in after the file was found); it was not followed",
+    )
+
+
+def _is_link(name: bytes, dir_fd: int) -> bool:
+    try:
+        return stat.S_ISLNK(os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mode)
+    except OSError:
+        return False
+
+
+def _open_beneath(root: bytes, p: bytes) -> int:
+    """Open ``p`` for reading one component at a time from ``root`` without following any
+    symbolic link below the root, so that nothing outside the root can be read through a path
+    that was changed after discovery."""
+    rel = p[len(root):].lstrip(b"/")
+    parts = [c for c in rel.split(b"/") if c]
+    if not p.startswith(root.rstrip(b"/") + b"/") or not parts or b".." in parts:
+        raise ImageError("unreadable", f"{_show(p)}: must lie inside its root {_show(root)}; it was not opened")
+    try:
+        dfd = os.open(root, _O_BASE | _O_DIR)
+    except OSError as err:
+        raise _os_error(root, "open (root folder)", err) from err
+    try:
+        for comp in parts[:-1]:
+            try:
+                nfd = os.open(comp, _O_BASE | _O_DIR | _O_NOFOLLOW, dir_fd=dfd)
+            except OSError as err:
+                if err.errno in (errno.ELOOP, errno.ENOTDIR) and _is_link(comp, dfd):
+                    raise _swapped(p, f"folder {_show(comp)} on its path") from err
+                raise _os_error(p, "open", err) from err
+            os.close(dfd)
+            dfd = nfd
+        try:
+            mode = os.stat(parts[-1], dir_fd=dfd, follow_symlinks=False).st_mode
+        except OSError as err:
+            raise _os_error(p, "lstat", err) from err
+        if stat.S_ISLNK(mode):
+            raise _swapped(p, "it")
+        if not stat.S_ISREG(mode):  # never open a FIFO or a device (opening one can have effects)
+            raise _not_regular(p, mode)
+        try:
+            return _open_readonly(parts[-1], dir_fd=dfd, follow=False)
+        except OSError as err:
+            if err.errno == errno.ELOOP:
+                raise _swapped(p, "it") from err
+            raise _os_error(p, "open", err) from err
+    finally:
+        os.close(dfd)
 
 
 def read_file(
-    path: str | bytes | os.PathLike[str] | os.PathLike[bytes], *, max_bytes: int = 512 * 1024 * 1024
+    path: str | bytes | os.PathLike[str] | os.PathLike[bytes],
+    *,
+    max_bytes: int = 512 * 1024 * 1024,
+    root: str | bytes | None = None,
+    inode: int | None = None,
 ) -> FileBytes:
-    """Read a regular file once (read-only, no atime change where allowed), hashing as it goes."""
+    """Read a regular file once (read-only, no atime change where allowed), hashing as it goes.
+
+    Evidence found under a ``root`` is opened beneath it without following symbolic links, and
+    the open descriptor must be the regular file that discovery saw (``inode``), else the read
+    is refused. Without ``root`` (a file named by the user) a symbolic link is followed."""
     p = os.fspath(path)
-    try:
-        st = os.stat(p)  # follows symlinks: a dangling link is ENOENT, a loop ELOOP
-    except OSError as err:
-        raise _os_error(p, "stat", err) from err
-    if not stat.S_ISREG(st.st_mode):
-        raise _not_regular(p, st.st_mode)
-    if st.st_size > max_bytes:
-        raise _too_big(p, st.st_size, max_bytes)
-    try:
-        fd = _open_readonly(p)
-    except OSError as err:
-        raise _os_error(p, "open", err) from err
+    if root is not None:
+        fd = _open_beneath(os.fsencode(root), os.fsencode(p))
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise _not_regular(p, st.st_mode)
+            if inode is not None and st.st_ino != inode:
+                raise ImageError(
+                    "replaced",
+                    f"{_show(p)}: must be the file found at discovery (inode {inode}), got inode {st.st_ino}: it was"
+                    " replaced since; the new file is recorded when the watcher or the next scan sees it",
+                )
+            if st.st_size > max_bytes:
+                raise _too_big(p, st.st_size, max_bytes)
+        except BaseException:
+            os.close(fd)
+            raise
+    else:
+        try:
+            st = os.stat(p)  # follows symlinks: a dangling link is ENOENT, a loop ELOOP
+        except OSError as err:
+            raise _os_error(p, "stat", err) from err
+        if not stat.S_ISREG(st.st_mode):
+            raise _not_regular(p, st.st_mode)
+        if st.st_size > max_bytes:
+            raise _too_big(p, st.st_size, max_bytes)
+        try:
+            fd = _open_readonly(p)
+        except OSError as err:
+            raise _os_error(p, "open", err) from err
     try:
         before = os.fstat(fd)
         if not stat.S_ISREG(before.st_mode):  # replaced between stat() and open()

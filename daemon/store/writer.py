@@ -3,6 +3,10 @@
 The ``files`` table is the work queue: discovery upserts rows (idempotent; events, start-up scans
 and rescans all go through :meth:`Store.upsert_files`), workers' results come back to the one
 writer, which records them only while this host still holds the file's lease.
+
+Paths cross this API as OS paths (``str``, ``surrogateescape`` for names that are not UTF-8, as
+``os`` returns them) and are stored in their recorded form (:func:`daemon.paths.to_db`), so any
+name the file system can hold is recorded losslessly and cannot fail a batch.
 """
 
 from __future__ import annotations
@@ -10,12 +14,14 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections import Counter
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from sqlalchemy import Connection, Engine, and_, func, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 
+from daemon.paths import from_db, to_db
 from daemon.store import schema as s
 
 log = logging.getLogger(__name__)
@@ -36,9 +42,14 @@ class FileStat:
 
 @dataclass(frozen=True)
 class Claim:
+    """A file taken under a lease: its OS path, the root it was found under and the inode that
+    discovery saw (the reader checks that it opens that very file)."""
+
     id: int
     path: str
     attempts: int
+    root: str | None = None
+    inode: int | None = None
 
 
 @dataclass(frozen=True)
@@ -51,10 +62,14 @@ class _Row:
 
 @dataclass
 class UpsertCounts:
+    """What an upsert did; ``failed`` counts the new or changed rows recorded as failed at
+    discovery (links, FIFOs, unreadable entries), by reason."""
+
     new: int = 0
     changed: int = 0
     unchanged: int = 0
     revived: int = 0
+    failed: Counter[str] = field(default_factory=Counter)
 
 
 def _insert(conn: Connection, table):  # noqa: ANN001, ANN202
@@ -86,6 +101,7 @@ class Store:
     def _upsert_batch(self, batch: Sequence[FileStat], counts: UpsertCounts) -> None:
         now = time.time()
         f = s.files
+        batch = [FileStat(to_db(b.path), to_db(b.root), b.size, b.mtime_ns, b.inode, b.reason, b.error) for b in batch]
         with self.engine.begin() as conn:
             rows = {r.path: r for r in conn.execute(
                 select(f.c.path, f.c.size, f.c.mtime_ns, f.c.inode, f.c.state).where(f.c.path.in_([b.path for b in batch]))
@@ -101,6 +117,7 @@ class Store:
                     if conn.execute(ins).first() is not None:
                         counts.new += 1
                         if st.reason:
+                            counts.failed[st.reason] += 1
                             self._event(conn, "file_failed", {"path": st.path, "reason": st.reason})
                     else:
                         counts.unchanged += 1
@@ -112,6 +129,8 @@ class Store:
                     continue
                 counts.changed += old.state != "gone"
                 counts.revived += old.state == "gone"
+                if st.reason:
+                    counts.failed[st.reason] += 1
                 conn.execute(update(f).where(f.c.path == st.path).values(
                     root=st.root, size=st.size, mtime_ns=st.mtime_ns, inode=st.inode, state=state, attempts=0,
                     reason=st.reason, error=st.error, lease_owner=None, lease_expires=None, last_seen=now, updated=now,
@@ -121,7 +140,7 @@ class Store:
 
     def mark_gone(self, paths: Iterable[str]) -> int:
         """Mark deleted paths gone (results kept). Returns how many rows changed."""
-        paths = list(paths)
+        paths = [to_db(p) for p in paths]
         if not paths:
             return 0
         f = s.files
@@ -133,10 +152,21 @@ class Store:
                 self._event(conn, "files_gone", {"count": n, "paths": paths[:20]})
         return n
 
+    def resolve_folders(self, prefix: str, unlistable: set[str]) -> int:
+        """Mark gone the rows of folders under ``prefix`` that could not be listed before but
+        were listed now (not in ``unlistable``, OS paths ending with a separator)."""
+        f = s.files
+        keep = {to_db(p) for p in unlistable}
+        with self.engine.connect() as conn:
+            rows = [r[0] for r in conn.execute(select(f.c.path).where(
+                _under(to_db(prefix)), f.c.path.endswith("/", autoescape=True), f.c.state != "gone"))]
+        return self.mark_gone([from_db(p) for p in rows if p not in keep])
+
     def move(self, old: str, new: str, root: str) -> bool:
         """A rename: the row follows the file, so it is not analysed again. False when the old
         path is unknown or the new one is already recorded (then discovery handles it)."""
         f = s.files
+        old, new, root = to_db(old), to_db(new), to_db(root)
         with self.engine.begin() as conn:
             if conn.execute(select(f.c.id).where(f.c.path == new)).first():
                 return False
@@ -154,7 +184,7 @@ class Store:
         with self.engine.begin() as conn:
             cond = or_(f.c.state == "queued", and_(f.c.state == "working", f.c.lease_expires < now))
             if prefixes:
-                cond = and_(cond, or_(*[f.c.path.startswith(p, autoescape=True) for p in prefixes]))
+                cond = and_(cond, _any_prefix(prefixes))
             q = select(f.c.id).where(cond).order_by(f.c.id).limit(n)
             if conn.dialect.name == "postgresql":
                 q = q.with_for_update(skip_locked=True)
@@ -165,9 +195,9 @@ class Store:
                 update(f).where(f.c.id.in_(ids)).values(
                     state="working", lease_owner=self.host, lease_expires=now + lease_seconds,
                     attempts=f.c.attempts + 1, updated=now,
-                ).returning(f.c.id, f.c.path, f.c.attempts)
+                ).returning(f.c.id, f.c.path, f.c.attempts, f.c.root, f.c.inode)
             ).all()
-        return sorted((Claim(r.id, r.path, r.attempts) for r in rows), key=lambda c: c.id)
+        return sorted((Claim(r.id, from_db(r.path), r.attempts, from_db(r.root), r.inode) for r in rows), key=lambda c: c.id)
 
     def renew(self, ids: Sequence[int], lease_seconds: float) -> None:
         f = s.files
@@ -191,7 +221,7 @@ class Store:
         has = select(a.c.id).where(a.c.image_id == f.c.image_id, a.c.bundle == bundle_key).exists()
         cond = and_(f.c.state == "done", ~has)
         if prefixes:
-            cond = and_(cond, or_(*[f.c.path.startswith(p, autoescape=True) for p in prefixes]))
+            cond = and_(cond, _any_prefix(prefixes))
         with self.engine.begin() as conn:
             n = conn.execute(update(f).where(cond).values(state="queued", attempts=0, updated=time.time())).rowcount
             if n:
@@ -202,7 +232,7 @@ class Store:
         f = s.files
         cond = f.c.state.in_(("queued", "working"))
         if prefixes:
-            cond = and_(cond, or_(*[f.c.path.startswith(p, autoescape=True) for p in prefixes]))
+            cond = and_(cond, _any_prefix(prefixes))
         with self.engine.connect() as conn:
             return conn.execute(select(func.count()).select_from(f).where(cond)).scalar_one()
 
@@ -314,6 +344,7 @@ class Store:
         """Mark every live file whose path starts with ``prefix`` (a folder path ending with a
         separator) gone: the folder was deleted or moved out of the watched roots."""
         f = s.files
+        prefix = to_db(prefix)
         with self.engine.begin() as conn:
             n = conn.execute(update(f).where(_under(prefix), f.c.state != "gone").values(
                 state="gone", lease_owner=None, lease_expires=None, updated=time.time()
@@ -326,10 +357,25 @@ class Store:
         """``(id, path)`` of files not marked gone under ``prefix``, by id, after ``after_id``
         (a rescan pages through these to notice deletions)."""
         f = s.files
-        q = (select(f.c.id, f.c.path).where(_under(prefix), f.c.state != "gone", f.c.id > after_id)
+        q = (select(f.c.id, f.c.path).where(_under(to_db(prefix)), f.c.state != "gone", f.c.id > after_id)
              .order_by(f.c.id).limit(limit))
         with self.engine.connect() as conn:
-            return [(r.id, r.path) for r in conn.execute(q)]
+            return [(r.id, from_db(r.path)) for r in conn.execute(q)]
+
+    def tally(self, prefixes: Sequence[str]) -> dict[str, Counter[str]]:
+        """Live files under ``prefixes`` (OS paths) by state, and failures by reason: what a
+        scan's summary reports, read back from the database."""
+        f = s.files
+        states: Counter[str] = Counter()
+        reasons: Counter[str] = Counter()
+        q = (select(f.c.state, f.c.reason, func.count()).where(_any_prefix(prefixes), f.c.state != "gone")
+             .group_by(f.c.state, f.c.reason))
+        with self.engine.connect() as conn:
+            for state, reason, n in conn.execute(q):
+                states[state] += n
+                if state in ("failed", "quarantined"):
+                    reasons[reason or "unknown"] += n
+        return {"states": states, "reasons": reasons}
 
     def heartbeat(self, info: dict) -> None:
         """Record that a service runs on this host (``meta`` key ``service:<host>``), for
@@ -359,6 +405,12 @@ def analysed(conn: Connection, sha256: str, bundle_key: str) -> bool:
     q = select(s.analyses.c.id).join(s.images, s.images.c.id == s.analyses.c.image_id).where(
         s.images.c.sha256 == sha256, s.analyses.c.bundle == bundle_key)
     return conn.execute(q).first() is not None
+
+
+def _any_prefix(prefixes: Sequence[str]):  # noqa: ANN202
+    """Paths starting with any of ``prefixes`` (OS paths: a folder ending with a separator, or a
+    file's own path)."""
+    return or_(*[_under(to_db(p)) for p in prefixes])
 
 
 def _under(prefix: str):  # noqa: ANN202
