@@ -302,6 +302,8 @@ VARIANTS = {
     "int8": {"detector_model": "var/quant/centerface-int8-minmax.onnx"},
     # what the infrastructure costs without the optional models: gender once per face, no age
     "lean": {"pipeline": {"gender": {"flip_tta": False}, "age": {"enabled": False}}},
+    # the scan before the face backbone (issue 19): no descriptor, gender from pixels
+    "no_backbone": {"pipeline": {"gender": {"model": "gender-wild-v1", "kind": "project-chip"}, "backbone": {"enabled": False}}},
 }
 VARIANT_ENV = "FORENSIC_GENDER_BENCH_VARIANT"
 

@@ -142,6 +142,7 @@ def lfw(args: argparse.Namespace) -> int:
     sess = ort.InferenceSession(str(Path(args.onnx)), so, providers=["CPUExecutionProvider"])
     worst_chip = worst_full = 0.0
     fallbacks = 0
+    saved: dict[str, np.ndarray] = {}
     for row in rows:
         img = np.asarray(Image.open(folder / "images" / row["file"]).convert("RGB"))
         dets = detector(img, 1)
@@ -156,8 +157,12 @@ def lfw(args: argparse.Namespace) -> int:
         ref_full = np.array(rec.compute_face_descriptor(img, shape))
         x = ((chip.astype(np.float32) - MEANS) / 256).transpose(2, 0, 1)[None]
         got = sess.run(["descriptor"], {"chips": x})[0][0]
+        saved[row["file"]] = ref_full
         worst_chip = max(worst_chip, float(np.abs(got - ref_chip).max()))
         worst_full = max(worst_full, float(np.abs(got - ref_full).max()))
+    if args.save:
+        np.savez(args.save, files=np.array(list(saved)), descriptors=np.stack(list(saved.values())),
+                 fallback=np.array([fallbacks]))
     print(json.dumps({"images": len(rows), "no_detection_whole_image": fallbacks,
                       "max_abs_diff_vs_dlib_on_chip": worst_chip,
                       "max_abs_diff_vs_dlib_img_plus_shape": worst_full}))
@@ -178,6 +183,8 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--shape-model", required=True,
                    help="shape_predictor_5_face_landmarks.dat (from the face_recognition_models sdist)")
     g.add_argument("--onnx", default=MODELS / "dlib-face-v1.onnx")
+    g.add_argument("--save", help="write dlib's descriptors (dlib's HOG face + 5-point landmarks) to this .npz, "
+                                  "for benchmarks/identity_lfw.py --dlib")
     g.set_defaults(func=lfw)
     args = p.parse_args(argv)
     t0 = time.perf_counter()

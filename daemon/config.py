@@ -62,6 +62,15 @@ class AgeConfig:
 
 
 @dataclass(frozen=True)
+class BackboneConfig:
+    """The face backbone (``dlib-face-v1``): one pass per face gives the 128-d identity
+    descriptor stored with each face, and the tensor a head-type gender model reads."""
+
+    enabled: bool = True
+    model: str = "dlib-face-v1"
+
+
+@dataclass(frozen=True)
 class LimitsConfig:
     """Refuse images above ``max_pixels`` (from the header, before decoding) and files above
     ``max_file_bytes``."""
@@ -76,6 +85,7 @@ class PipelineConfig:
     detector: DetectorConfig = field(default_factory=DetectorConfig)
     gender: GenderConfig = field(default_factory=GenderConfig)
     age: AgeConfig = field(default_factory=AgeConfig)
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
 
 

@@ -462,9 +462,10 @@ def to_onnx(net: DlibNet, *, extra_outputs: tuple[str, ...] = ()) -> Any:
     return model
 
 
-def convert(data: bytes) -> bytes:
-    """The ``.dat`` bytes -> the derived ONNX bytes (same input, same output bytes)."""
-    model = to_onnx(parse(data))
+def convert(data: bytes, extra_outputs: tuple[str, ...] = ()) -> bytes:
+    """The ``.dat`` bytes -> the derived ONNX bytes (same input, same output bytes); the marked
+    tensors in ``extra_outputs`` are outputs too (a head on the backbone reads one)."""
+    model = to_onnx(parse(data), extra_outputs=extra_outputs)
     model.metadata_props.add(key="forensic_gender.transform", value="dlib-to-onnx")
     model.metadata_props.add(key="forensic_gender.source_sha256", value=hashlib.sha256(data).hexdigest())
     return model.SerializeToString(deterministic=True)

@@ -9,6 +9,7 @@ A labelled folder holds ``images/`` and ``labels.csv`` (UTF-8, comma-separated, 
 - ``age`` (optional): age in years (a number >= 0) or blank.
 - ``age_group`` or ``perceived_age_group`` (optional): a free-text age group used to break gender
   results down where no numeric age exists (WIDER's ``Young Adult``, ``Adult``...).
+- ``race`` (optional): a free-text group (FairFace's seven) used to break gender results down.
 - ``x1, y1, x2, y2`` (optional, all four or none in the header): a face box in pixels of the
   upright image (EXIF orientation applied), ``x2 = x1 + width``, as in
   :mod:`daemon.pipeline.detect`.
@@ -87,6 +88,7 @@ class LabelledFace:
     gender: str | None
     age: float | None
     age_group: str | None
+    race: str | None = None
 
     @property
     def width(self) -> float | None:
@@ -220,7 +222,8 @@ def _parse_row(row: dict, line: int, scene: bool, group_col: str | None, fname: 
                             f"x1,y1,x2,y2 = {','.join(cells)}")
             ok = False
     group = (row.get(group_col) or "").strip() or None if group_col else None
-    return LabelledFace(line, box, gender, age, group) if ok else None
+    race = (row.get("race") or "").strip() or None
+    return LabelledFace(line, box, gender, age, group, race) if ok else None
 
 
 def data_hash(labels: bytes, sizes: Sequence[tuple[str, int]]) -> str:
@@ -342,6 +345,8 @@ class FaceOutcome:
     found: bool
     p_male: float
     age_estimate: float | None
+    image: str = ""
+    race: str | None = None
 
 
 def match_image(img: LabelledImage, pred: ImagePrediction, kind: str, params: ScoreParams) -> tuple[list[FaceOutcome], int]:
@@ -362,7 +367,7 @@ def match_image(img: LabelledImage, pred: ImagePrediction, kind: str, params: Sc
         hit = faces[d] if d >= 0 else None
         out.append(FaceOutcome(
             lf.gender, lf.age, lf.age_group, lf.width, hit is not None,
-            math.nan if hit is None else hit.p_male, None if hit is None else hit.age,
+            math.nan if hit is None else hit.p_male, None if hit is None else hit.age, img.file, lf.race,
         ))
     return out, len(faces)
 
@@ -395,7 +400,8 @@ def score(ls: LabelledSet, images: Sequence[LabelledImage], preds: Sequence[Imag
     if g:
         truth = [o.gender for o in g]
         p = np.array([o.p_male for o in g], np.float64)
-        res["gender"] = metrics.gender_report(truth, p, params.gender_threshold, params.uncertain_margin)
+        res["gender"] = metrics.gender_report(truth, p, params.gender_threshold, params.uncertain_margin,
+                                              [o.image for o in g] if ls.kind == "scene" else None)
         if ls.kind == "scene":
             res["gender"]["by_width"] = {
                 name: metrics.gender_report([o.gender for o in sub], [o.p_male for o in sub], params.gender_threshold, params.uncertain_margin)
@@ -407,6 +413,12 @@ def score(ls: LabelledSet, images: Sequence[LabelledImage], preds: Sequence[Imag
             res["gender"]["by_age_group"] = {
                 name: metrics.gender_report([o.gender for o in sub], [o.p_male for o in sub], params.gender_threshold, params.uncertain_margin)
                 for name in groups if (sub := [o for o in g if _age_group(o) == name])
+            }
+        races = sorted({o.race for o in g if o.race})
+        if races:
+            res["gender"]["by_race"] = {
+                name: metrics.gender_report([o.gender for o in sub], [o.p_male for o in sub], params.gender_threshold, params.uncertain_margin)
+                for name in races if (sub := [o for o in g if o.race == name])
             }
         found_g = ~np.isnan(p)
         pos = np.array([t == metrics.MALE for t in truth], bool)[found_g]

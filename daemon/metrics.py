@@ -339,7 +339,8 @@ def age_metrics(truth: np.ndarray, estimate: np.ndarray) -> AgeMetrics:
     )
 
 
-def gender_report(truth: Sequence[str], p_male: np.ndarray, threshold: float = 0.5, margin: float = 0.0) -> dict:
+def gender_report(truth: Sequence[str], p_male: np.ndarray, threshold: float = 0.5, margin: float = 0.0,
+                  groups: Sequence[str] | None = None) -> dict:
     """Everything reported for one group of labelled faces; ``p_male`` is NaN for missed faces.
 
     - ``found``: faces the detector found, every one called at ``threshold`` (no band): the
@@ -348,11 +349,15 @@ def gender_report(truth: Sequence[str], p_male: np.ndarray, threshold: float = 0
     - ``decided``: found faces outside the uncertain band (``margin``), called by the band rule;
     - ``uncertain_share``: share of found faces inside the band;
     - ``confusion``: the band rule's confusion, with ``uncertain`` and ``missed`` columns;
-    - ``roc_auc``: over found faces.
+    - ``roc_auc``: over found faces;
+    - ``band``: :func:`band_report` (does the uncertain band hold the errors?);
+    - ``ci95``: :func:`bootstrap_ci` of F1, accuracy and ROC-AUC over found faces, resampling
+      ``groups`` (the image of each face, for scenes) when given.
     """
     p = np.asarray(p_male, np.float64).reshape(-1)
     truth = list(truth)
-    hard = Confusion.of(truth, gender_predictions(p, threshold, 0.0))
+    hard_pred = gender_predictions(p, threshold, 0.0)
+    hard = Confusion.of(truth, hard_pred)
     banded = Confusion.of(truth, gender_predictions(p, threshold, margin))
     found = ~np.isnan(p)
     n_found = int(found.sum())
@@ -366,4 +371,58 @@ def gender_report(truth: Sequence[str], p_male: np.ndarray, threshold: float = 0
         "uncertain_share": ratio(sum(banded.get(t, UNCERTAIN) for t in TRUTH), n_found),
         "confusion": banded.to_json(),
         "roc_auc": roc_auc(positive[found], p[found]),
+        "band": band_report(positive[found], p[found], threshold, margin),
+        "ci95": bootstrap_ci(positive[found], p[found], threshold, None if groups is None else np.asarray(groups)[found]),
     }
+
+
+def band_report(positive: np.ndarray, p: np.ndarray, threshold: float = 0.5, margin: float = 0.0) -> dict:
+    """How well the uncertain band catches the errors, over found faces: the share of faces
+    inside the band, the error rate of the faces outside it (called by the band rule), and the
+    share of all hard-call errors (at ``threshold``) that the band holds."""
+    pos = np.asarray(positive, bool)
+    p = np.asarray(p, np.float64)
+    inside = np.abs(p - threshold) < margin if margin > 0 else np.zeros(len(p), bool)
+    wrong = (p >= threshold) != pos
+    return {"inside_share": ratio(int(inside.sum()), len(p)),
+            "error_outside": ratio(int((wrong & ~inside).sum()), int((~inside).sum())),
+            "errors_held": ratio(int((wrong & inside).sum()), int(wrong.sum()))}
+
+
+def bootstrap_ci(positive: np.ndarray, p: np.ndarray, threshold: float = 0.5, groups: np.ndarray | None = None,
+                 n_boot: int = 1000, seed: int = 0) -> dict[str, list[float] | None]:
+    """95% percentile-bootstrap intervals of F1 (male positive), accuracy and ROC-AUC over
+    found faces. With ``groups`` (e.g. the image of each face in a scene folder) whole groups
+    are resampled, since faces of one scene are not independent. Seeded: the same input gives
+    the same interval."""
+    pos = np.asarray(positive, bool)
+    p = np.asarray(p, np.float64)
+    if len(p) < 2:
+        return {"f1": None, "accuracy": None, "roc_auc": None}
+    ids = np.unique(np.asarray(groups), return_inverse=True)[1] if groups is not None else np.arange(len(p))
+    n_groups = int(ids.max()) + 1
+    rng = np.random.default_rng(seed)
+    call = p >= threshold
+    order = np.argsort(p, kind="mergesort")
+    ps, poss = p[order], pos[order]
+    _, first, counts = np.unique(ps, return_index=True, return_counts=True)
+    f1s, accs, aucs = [], [], []
+    for _ in range(n_boot):
+        w = np.bincount(rng.integers(0, n_groups, n_groups), minlength=n_groups)[ids].astype(np.float64)
+        tp, fp = w[call & pos].sum(), w[call & ~pos].sum()
+        fn, tn = w[~call & pos].sum(), w[~call & ~pos].sum()
+        if 2 * tp + fp + fn > 0:
+            f1s.append(2 * tp / (2 * tp + fp + fn))
+        accs.append((tp + tn) / w.sum())
+        ws = w[order]
+        wp, wn = ws * poss, ws * ~poss
+        if wp.sum() > 0 and wn.sum() > 0:  # weighted Mann-Whitney, ties counted half
+            neg_tie = np.add.reduceat(wn, first)
+            pos_tie = np.add.reduceat(wp, first)
+            neg_below = np.cumsum(neg_tie) - neg_tie
+            aucs.append(float((pos_tie * (neg_below + neg_tie / 2)).sum() / (wp.sum() * wn.sum())))
+
+    def pct(v: list[float]) -> list[float] | None:
+        return [float(np.percentile(v, 2.5)), float(np.percentile(v, 97.5))] if len(v) >= n_boot // 2 else None
+
+    return {"f1": pct(f1s), "accuracy": pct(accs), "roc_auc": pct(aucs)}

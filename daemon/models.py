@@ -132,6 +132,8 @@ class ModelSpec:
     archive_sha256: str | None = None
     archive_bytes: int | None = None
     chip_size: int | None = None
+    backbone: str | None = None
+    backbone_tensor: str | None = None
     chip_padding: float | None = None
 
     @property
@@ -298,7 +300,7 @@ def _parse_model(name: str, v: Any, errs: _Errors) -> dict[str, Any]:
         errs.add(w, "model names must be lower-case letters, digits, '.', '_' or '-'")
     d = _obj(v, w, errs, {"role", "origin", "filename", "sha256", "bytes", "licence", "input", "outputs"},
              {"release", "member", "archive", "chip", "stride", "labels", "bin_values", "model_card",
-              "derived", "notes"})
+              "derived", "notes", "backbone"})
     if not d:
         return {}
     role = _str(d.get("role"), f"{w}.role", errs, choices=ROLES, what=f"one of {list(ROLES)}")
@@ -336,8 +338,12 @@ def _parse_model(name: str, v: Any, errs: _Errors) -> dict[str, Any]:
     f["source_url"] = _str(lic.get("source_url"), f"{w}.licence.source_url", errs,
                            pattern=re.compile(r"^https?://"), what="an http(s) URL") if lic else ""
 
-    f["input"] = _tensor(d.get("input"), f"{w}.input", errs,
-                         frozenset({"color_order", "normalization"}), frozenset({"size_multiple"}))
+    if "backbone" in d:  # a head: its input is a tensor of the backbone, not pixels
+        bb = _obj(d["backbone"], f"{w}.backbone", errs, {"model", "tensor"})
+        f["backbone"] = _str(bb.get("model"), f"{w}.backbone.model", errs)
+        f["backbone_tensor"] = _str(bb.get("tensor"), f"{w}.backbone.tensor", errs)
+    pixels = frozenset() if "backbone" in d else frozenset({"color_order", "normalization"})
+    f["input"] = _tensor(d.get("input"), f"{w}.input", errs, pixels, frozenset({"size_multiple"}))
     inp = d.get("input") if isinstance(d.get("input"), dict) else {}
     f["color_order"] = (_str(inp["color_order"], f"{w}.input.color_order", errs,
                              choices=("RGB", "BGR"), what="'RGB' or 'BGR'")
@@ -412,6 +418,15 @@ def _parse_manifest(doc: Any, path: Path) -> Manifest:
             if first[1] != kind:
                 errs.add(f"models.{name}.archive", f"must match models.{first[0]}.archive for the same "
                          f"release {f['release']}, got {kind[0]} {kind[1]}")
+    for name, f in fields.items():
+        if f.get("backbone"):
+            bb = fields.get(f["backbone"]) or {}
+            tensors = [o.name for o in bb.get("outputs", ())]
+            if bb.get("role") != "backbone":
+                errs.add(f"models.{name}.backbone.model", f"must name a model with role backbone, got {f['backbone']!r}")
+            elif f.get("backbone_tensor") not in tensors:
+                errs.add(f"models.{name}.backbone.tensor", f"must be one of models.{f['backbone']}'s outputs "
+                         f"{tensors}, got {f.get('backbone_tensor')!r}")
     members: dict[tuple[str, str], str] = {}
     for name, f in fields.items():
         rm = (f.get("release") or "", f.get("member") or "")
@@ -635,12 +650,14 @@ def _derive(spec: ModelSpec, data: bytes) -> bytes:
         from daemon import dlibnet
 
         names = (spec.input.name, tuple(o.name for o in spec.outputs))
-        if names != (dlibnet.INPUT_NAME, (dlibnet.OUTPUT_NAME,)):
+        extra = names[1][1:]
+        if names[0] != dlibnet.INPUT_NAME or names[1][:1] != (dlibnet.OUTPUT_NAME,) or not set(extra) <= set(dlibnet.MARKS):
             raise ModelError(f"models.{spec.name}: the dlib-to-onnx graph has input "
-                             f"{dlibnet.INPUT_NAME!r} and output {dlibnet.OUTPUT_NAME!r}, the manifest "
-                             f"says {names[0]!r} and {list(names[1])}; fix the manifest")
+                             f"{dlibnet.INPUT_NAME!r} and outputs {dlibnet.OUTPUT_NAME!r} then any of "
+                             f"{list(dlibnet.MARKS)}, the manifest says {names[0]!r} and {list(names[1])}; "
+                             f"fix the manifest")
         try:
-            return dlibnet.convert(data)
+            return dlibnet.convert(data, extra_outputs=extra)
         except dlibnet.DlibFormatError as err:
             raise ModelError(f"model {spec.name}: {spec.filename} is not the dlib network expected "
                              f"({err}); fetch it again") from err

@@ -25,7 +25,7 @@ import re
 __all__ = ["from_db", "show", "to_db", "to_os", "user_path"]
 
 _SURROGATE_OR_BACKSLASH = re.compile("[\\\\\udc80-\udcff]")
-_RECORDED_ESCAPE = re.compile(r"\\(\\|x[0-9a-f]{2})")
+_RECORDED_ESCAPE = re.compile(r"\\(\\|x[89a-f][0-9a-f])")  # only bytes >= 0x80 are ever escaped
 
 # C0 controls, DEL and C1 controls; the Unicode bidi embeddings, overrides, isolates and marks;
 # zero-width characters and the line/paragraph separators; the BOM. Each shown as an escape.

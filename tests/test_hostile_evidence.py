@@ -254,3 +254,27 @@ def test_summary_counts_what_the_database_holds(tmp_path: Path, db_url: str, mod
     assert f"in the database under these paths: {len(rows)} files: {len(done)} done, {len(failed)} failed" in out
     for reason in ("empty", "not_an_image", "not_regular_file", "symlink"):
         assert f"{reason} 1" in out
+
+
+def test_migration_records_old_backslash_paths(db_url: str, tmp_path: Path) -> None:
+    """Paths recorded before names were encoded keep meaning the same file: a literal
+    backslash is doubled by the schema migration (v4), once."""
+    from daemon.store import engine as eng_mod
+    from daemon.store import schema
+
+    raw = os.fsencode(tmp_path) + b"/a\\b\\x41.jpg"
+    engine = eng_mod.open_engine(db_url)
+    try:
+        with engine.begin() as conn:  # a database at schema version 3 with an old-style row
+            for step in eng_mod.MIGRATIONS[:3]:
+                step(conn)
+            conn.execute(schema.files.insert().values(path=os.fsdecode(raw), root=str(tmp_path), size=1, mtime_ns=1,
+                                                      state="done", attempts=1, first_seen=0, last_seen=0, updated=0))
+            conn.execute(schema.meta.insert().values(key="schema_version", value="3"))
+        eng_mod.migrate(engine)
+        eng_mod.migrate(engine)
+        with engine.connect() as conn:
+            (path,) = conn.execute(text("select path from files")).one()
+        assert paths.to_os(path) == raw
+    finally:
+        engine.dispose()

@@ -210,3 +210,27 @@ def test_width_bands(width: float, band: str) -> None:
 @pytest.mark.parametrize("age, band", [(0, "0-12"), (12.9, "0-12"), (13, "13-17"), (17.99, "13-17"), (18, "18-29"), (90, "60+")])
 def test_age_bands(age: float, band: str) -> None:
     assert m.age_band(age) == band
+
+
+def test_bootstrap_interval_brackets_the_point_estimate_and_is_seeded() -> None:
+    rng = np.random.default_rng(3)
+    pos = rng.random(400) < 0.5
+    p = np.clip(pos * 0.35 + rng.random(400) * 0.65, 0, 1)
+    ci = m.bootstrap_ci(pos, p, 0.5, n_boot=400)
+    f1 = m.BinaryMetrics.of(m.Confusion.of(["male" if x else "female" for x in pos],
+                                                       m.gender_predictions(p, 0.5)), ("male", "female")).f1
+    auc = m.roc_auc(pos, p)
+    assert ci["f1"][0] < f1 < ci["f1"][1] and ci["roc_auc"][0] < auc < ci["roc_auc"][1]
+    assert ci == m.bootstrap_ci(pos, p, 0.5, n_boot=400)
+    # resampling whole groups (faces of one scene) can only widen the interval here: 40 scenes
+    # whose faces all share one score and one label
+    grouped = m.bootstrap_ci(np.repeat(pos[:40], 10), np.repeat(p[:40], 10), 0.5, np.repeat(np.arange(40), 10), n_boot=400)
+    flat = m.bootstrap_ci(np.repeat(pos[:40], 10), np.repeat(p[:40], 10), 0.5, n_boot=400)
+    assert grouped["f1"][1] - grouped["f1"][0] > 2 * (flat["f1"][1] - flat["f1"][0])
+
+
+def test_band_report_counts_errors_inside_and_outside() -> None:
+    pos = np.array([1, 1, 0, 0, 1, 0], bool)
+    p = np.array([0.9, 0.45, 0.55, 0.1, 0.2, 0.8])  # errors: 0.45 (in band), 0.55 (in band), 0.2, 0.8
+    b = m.band_report(pos, p, 0.5, 0.1)
+    assert b == {"inside_share": 2 / 6, "error_outside": 2 / 4, "errors_held": 2 / 4}

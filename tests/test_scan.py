@@ -183,3 +183,30 @@ def test_worker_crash_hands_queued_tasks_to_the_replacement(tmp_path: Path, mode
         assert got[0].reason == "worker_crashed" and pool.restarts == 1 and pool.busy() == []
     finally:
         pool.close()
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_every_face_stores_its_identity_descriptor(tmp_path: Path, dev_data: Path, models_ready: None,
+                                                   backend: str, request: pytest.FixtureRequest) -> None:
+    """Each face carries the backbone's 128-d descriptor (float16) and the analysis' bundle names
+    the backbone; two photos of one person lie within dlib's 0.6, two people farther apart."""
+    import numpy as np
+
+    url = request.getfixturevalue("pg_url") if backend == "postgresql" else f"sqlite:///{tmp_path / 'fg.db'}"
+    evidence = tmp_path / "ev"
+    evidence.mkdir()
+    for name in ("William_Macy_0001.jpg", "William_Macy_0002.jpg", "Wayne_Ferreira_0001.jpg"):
+        shutil.copy(dev_data / "lfw" / "images" / name, evidence / name)
+    run_cli("scan", str(evidence), "--db", url, "--no-progress")
+    eng = create_engine(url)
+    with eng.connect() as c:
+        got = c.execute(text("select f.path, fa.descriptor, b.spec from faces fa join analyses a on a.id = fa.analysis_id "
+                             "join bundles b on b.key = a.bundle join files f on f.image_id = a.image_id "
+                             "where fa.idx = 0 order by f.path")).all()
+    eng.dispose()
+    assert len(got) == 3 and all(json.loads(spec)["models"].get("backbone") for _, _, spec in got)
+    vec = {Path(p).name: np.frombuffer(bytes(d), "<f2").astype(np.float32) for p, d, _ in got}
+    assert {v.shape for v in vec.values()} == {(128,)}
+    same = np.linalg.norm(vec["William_Macy_0001.jpg"] - vec["William_Macy_0002.jpg"])
+    other = np.linalg.norm(vec["William_Macy_0001.jpg"] - vec["Wayne_Ferreira_0001.jpg"])
+    assert same < 0.6 < other, (same, other)

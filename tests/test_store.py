@@ -176,3 +176,37 @@ def test_stats_per_host_throughput_and_leases(store: Store) -> None:
         st = read.stats(conn, Filters(), read.scope(conn, Filters()))
     assert st["hosts"]["host-a"]["analyses"] == 1 and st["hosts"]["host-a"]["last_minute"] == 1
     assert st["hosts"]["host-b"]["leases"] == 2 and st["hosts"]["host-b"]["expired_leases"] == 1
+
+
+def test_descriptor_blob_round_trips(store: Store) -> None:
+    import numpy as np
+
+    vec = np.linspace(-0.3, 0.3, 128).astype("<f2")
+    base = result("d" * 64, 1)
+    face = base.faces[0]
+    res = ImageResult(**{**base.__dict__, "faces": (Face(**{**face.__dict__, "descriptor": vec.tobytes()}),)})
+    store.upsert_files([fs("d.jpg")])
+    [claim] = store.claim(1, 60)
+    assert store.record_analysis(claim.id, res, "b1")
+    with store.engine.connect() as c:
+        blob = c.execute(select(s.faces.c.descriptor)).scalar_one()
+    assert np.array_equal(np.frombuffer(bytes(blob), "<f2"), vec)
+
+
+def test_migration_v5_adds_the_descriptor_to_an_older_database(db_url: str) -> None:
+    """A database made by schema version 4 (faces without a descriptor) gains the column; its
+    faces keep their rows with a null descriptor."""
+    from daemon.store import engine as eng_mod
+
+    eng = open_engine(db_url)
+    try:
+        with eng.begin() as conn:
+            for step in eng_mod.MIGRATIONS[:4]:
+                step(conn)
+            conn.execute(text("ALTER TABLE faces DROP COLUMN descriptor"))
+            conn.execute(s.meta.insert().values(key="schema_version", value="4"))
+        assert migrate(eng) == SCHEMA_VERSION == 5
+        with eng.connect() as c:
+            assert c.execute(select(func.count()).select_from(s.faces).where(s.faces.c.descriptor.is_(None))).scalar_one() == 0
+    finally:
+        eng.dispose()

@@ -38,7 +38,9 @@ def rows(report_dirs: list[Path]) -> list[dict]:
             g, m = f["gender"], f["gender"]["metrics"]
             row = {"folder": f["name"], "model": Path(model).name, "found": g["found"], "labelled": g["labelled"],
                    "f1": m["f1"], "accuracy": m["accuracy"], "male_recall": m["recall"], "female_recall": m["female_recall"],
-                   "auc": g["roc_auc"], "ece": f["calibration"]["ece"], "uncertain": g["uncertain_share"]}
+                   "auc": g["roc_auc"], "ece": f["calibration"]["ece"], "uncertain": g["uncertain_share"],
+                   "f1_ci": (g.get("ci95") or {}).get("f1"), "auc_ci": (g.get("ci95") or {}).get("roc_auc"),
+                   "bands": {b: (v.get("metrics") or {}).get("f1") for b, v in (g.get("by_width") or {}).items()}}
             if g.get("by_width"):
                 p = _pooled(g["by_width"], ("32-63", ">=64"))
                 row.update({"n_ge32": p["n"], "f1_ge32": p["f1"], "acc_ge32": p["accuracy"],
@@ -51,14 +53,23 @@ def markdown(table: list[dict]) -> str:
     def f(v: float | None) -> str:
         return "–" if v is None else f"{v:.3f}"
 
-    head = "| folder | model | found / labelled | F1 | accuracy | male recall | female recall | ROC-AUC | ECE | uncertain | F1 >= 32 px (n) |\n"
+    def ci(v: list[float] | None) -> str:
+        return "" if not v else f" [{v[0]:.3f}, {v[1]:.3f}]"
+
+    head = "| folder | model | found / labelled | F1 [95% CI] | accuracy | male recall | female recall | ROC-AUC | ECE | uncertain | F1 >= 32 px (n) |\n"
     head += "|---|---|---|---|---|---|---|---|---|---|---|\n"
     lines = [
-        f"| {r['folder']} | {r['model']} | {r['found']} / {r['labelled']} | {f(r['f1'])} | {f(r['accuracy'])} | "
-        f"{f(r['male_recall'])} | {f(r['female_recall'])} | {f(r['auc'])} | {f(r['ece'])} | {f(r['uncertain'])} | "
+        f"| {r['folder']} | {r['model']} | {r['found']} / {r['labelled']} | {f(r['f1'])}{ci(r['f1_ci'])} | {f(r['accuracy'])} | "
+        f"{f(r['male_recall'])} | {f(r['female_recall'])} | {f(r['auc'])}{ci(r['auc_ci'])} | {f(r['ece'])} | {f(r['uncertain'])} | "
         + (f"{f(r['f1_ge32'])} ({r['n_ge32']})" if "f1_ge32" in r else "–") + " |"
         for r in table
     ]
+    bands = sorted({b for r in table for b in r["bands"]}, key=lambda b: (len(b), b))
+    banded = [r for r in table if r["bands"]]
+    if banded:
+        lines.append("\n| folder | model | " + " | ".join(f"F1 {b} px" for b in bands) + " |")
+        lines.append("|---|---|" + "---|" * len(bands))
+        lines += [f"| {r['folder']} | {r['model']} | " + " | ".join(f(r["bands"].get(b)) for b in bands) + " |" for r in banded]
     return head + "\n".join(lines)
 
 

@@ -66,13 +66,14 @@ def _rows(labels: Path) -> list[dict]:
         return list(csv.DictReader(fh))
 
 
-def cache_key(data: Path, size: int, margin: int, min_iou: float, sources: tuple[str, ...] = SOURCES) -> str:
+def cache_key(data: Path, size: int, margin: int, min_iou: float, sources: tuple[str, ...] = SOURCES,
+              padding: float = align.PADDING) -> str:
     """The cache key: template, chip geometry, detector settings, extractor version, data."""
     det = asdict(PipelineConfig().detector)
     spec = {
         "version": VERSION,
         "template": np.round(align.TEMPLATE, 6).tolist(),
-        "padding": align.PADDING,
+        "padding": padding,
         "size": size,
         "margin": margin,
         "min_iou": min_iou,
@@ -83,12 +84,13 @@ def cache_key(data: Path, size: int, margin: int, min_iou: float, sources: tuple
     return f"chips-s{size}m{margin}-{k}-{_data_hash(data, sources)}"
 
 
-def padded_chips(bgr: np.ndarray, landmarks: np.ndarray, size: int, margin: int) -> np.ndarray:
+def padded_chips(bgr: np.ndarray, landmarks: np.ndarray, size: int, margin: int, padding: float = align.PADDING) -> np.ndarray:
     """align_faces' chips with ``margin`` extra pixels on each side: ``out[:, m:m+size, m:m+size]``
-    equals ``align.align_faces(bgr, landmarks, size)`` exactly (same matrix, shifted output)."""
+    equals ``align.align_faces(bgr, landmarks, size, padding=padding)`` exactly (same matrix,
+    shifted output)."""
     full = size + 2 * margin
     out = np.zeros((len(landmarks), full, full, 3), np.uint8)
-    for i, m in enumerate(align.chip_matrices(landmarks, size)):
+    for i, m in enumerate(align.chip_matrices(landmarks, size, padding=padding)):
         m = m.copy()
         m[:, 2] += margin
         out[i] = cv2.warpAffine(bgr, m, (full, full), flags=cv2.INTER_LINEAR,
@@ -183,10 +185,10 @@ def detect_faces(data: Path, out: Path, min_iou: float = 0.4, limit: int | None 
 
 
 def extract(data: Path, out: Path, size: int = 64, margin: int = 8, min_iou: float = 0.4,
-            limit: int | None = None, sources: tuple[str, ...] = SOURCES) -> Path:
+            limit: int | None = None, sources: tuple[str, ...] = SOURCES, padding: float = align.PADDING) -> Path:
     """Cut and cache the chips; returns the ``.npz`` path (reused when it already exists).
     Stage 1 (:func:`detect_faces`) is cached on its own, so a new template only re-cuts."""
-    key = cache_key(data, size, margin, min_iou, sources) + (f"-limit{limit}" if limit else "")
+    key = cache_key(data, size, margin, min_iou, sources, padding) + (f"-limit{limit}" if limit else "")
     path = out / f"{key}.npz"
     if path.exists():
         log.info("cache hit: %s", path)
@@ -198,8 +200,8 @@ def extract(data: Path, out: Path, size: int = 64, margin: int = 8, min_iou: flo
     chips = np.zeros((len(d["labels"]), size + 2 * margin, size + 2 * margin, 3), np.uint8)
     for k, (name, lm) in enumerate(zip(d["names"], d["landmarks"], strict=True)):
         src, file = str(name).split("/", 1)
-        chips[k] = padded_chips(_load_bgr(data / src / "images" / file), lm[None], size, margin)[0]
-    meta = {"key": key, "size": size, "margin": margin, "min_iou": min_iou, "sources": dmeta["sources"],
+        chips[k] = padded_chips(_load_bgr(data / src / "images" / file), lm[None], size, margin, padding)[0]
+    meta = {"key": key, "size": size, "margin": margin, "padding": padding, "min_iou": min_iou, "sources": dmeta["sources"],
             "template": align.TEMPLATE.tolist(), "stats": dmeta["stats"], "detections": dpath.name,
             "seconds": {"detect": dmeta["seconds"], "cut": round(time.perf_counter() - t0, 1)}, "data": str(data)}
     tmp = path.with_suffix(".tmp.npz")

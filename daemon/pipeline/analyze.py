@@ -42,9 +42,12 @@ class Face:
     gender: str
     age: float | None
     age_std: float | None
+    descriptor: bytes | None = None  # the backbone's identity vector, float16 little-endian
 
     def to_json(self) -> dict:
+        """The face as JSON (the descriptor is stored in the database, not printed)."""
         d = asdict(self)
+        del d["descriptor"]
         d["box"] = [round(v, 1) for v in self.box]
         d["landmarks"] = [[round(x, 1), round(y, 1)] for x, y in self.landmarks]
         for k in ("score", "p_male", "p_female", "width_px", "age", "age_std"):
@@ -152,11 +155,51 @@ class Classifier:
         return p
 
 
-class Pipeline:
-    """Detector + gender classifier (+ age estimator) with the parameters that shape results."""
+class Backbone:
+    """The face backbone: one batched pass over its chips gives the identity descriptor and the
+    tensors heads read (``outputs``: the descriptor first)."""
 
-    def __init__(self, cfg: PipelineConfig, detector: Detector, gender: Classifier, age: Classifier | None, bundle: dict) -> None:
-        self.cfg, self.detector, self.gender, self.age = cfg, detector, gender, age
+    def __init__(self, session: Session, spec: ChipSpec, outputs: tuple[str, ...]) -> None:
+        self.session, self.spec, self.outputs = session, spec, outputs
+
+    def run(self, bgr: np.ndarray, dets: detect.Detections, *, flip: bool = False) -> dict[str, np.ndarray]:
+        """Output name -> (N, ...) array for the faces ``dets`` (mirrored chips when ``flip``)."""
+        chips = align.align_faces(bgr, dets.landmarks, self.spec.size, padding=self.spec.padding)
+        if flip:
+            chips = chips[:, :, ::-1]
+        x = classify.normalize(chips, self.spec.means_rgb, self.spec.scale)
+        return dict(zip(self.outputs, self.session.run({self.spec.input_name: x}), strict=True))
+
+
+class Head:
+    """A gender model that reads a backbone tensor instead of pixels (``[female, male]`` out)."""
+
+    def __init__(self, session: Session, tensor: str, input_name: str, temperature: float = 1.0,
+                 *, flip_tta: bool = False) -> None:
+        self.session, self.tensor, self.input_name = session, tensor, input_name
+        self.temperature, self.flip_tta = temperature, flip_tta
+
+    def probabilities(self, feats: dict[str, np.ndarray], flipped: dict[str, np.ndarray] | None = None) -> np.ndarray:
+        """(N, 2) checked probabilities; averaged with the mirrored faces' when given."""
+        where = f"{self.session.name} output {self.session.output_names[0]!r}"
+
+        def run(f: dict[str, np.ndarray]) -> np.ndarray:
+            x = np.ascontiguousarray(f[self.tensor], np.float32)
+            return check_probabilities(np.asarray(self.session.run({self.input_name: x})[0]), len(x), 2, where,
+                                       rows_sum_to_one=True)
+        p = run(feats)
+        if flipped is not None:
+            p = (p + run(flipped)) / 2
+        return p
+
+
+class Pipeline:
+    """Detector + gender classifier (+ age estimator, + face backbone) with the parameters that
+    shape results."""
+
+    def __init__(self, cfg: PipelineConfig, detector: Detector, gender: Classifier | Head, age: Classifier | None,
+                 bundle: dict, backbone: Backbone | None = None) -> None:
+        self.cfg, self.detector, self.gender, self.age, self.backbone = cfg, detector, gender, age, backbone
         self.bundle = bundle
         self.bundle_key = hashlib.sha256(json.dumps(bundle, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -189,12 +232,19 @@ class Pipeline:
         t1 = time.perf_counter()
         if not len(dets):
             return [], {"detect": t1 - t0, "classify": 0.0}
-        chips = self.gender.chips(bgr, dets)
-        pg = self.gender.probabilities(chips)
+        feats = self.backbone.run(bgr, dets) if self.backbone is not None else None
+        chips = None
+        if isinstance(self.gender, Head):
+            assert feats is not None and self.backbone is not None  # load_pipeline guarantees it
+            flipped = self.backbone.run(bgr, dets, flip=True) if self.gender.flip_tta else None
+            pg = self.gender.probabilities(feats, flipped)
+        else:
+            chips = self.gender.chips(bgr, dets)
+            pg = self.gender.probabilities(chips)
         labels = classify.decide(pg[:, 1], self.cfg.gender.threshold, self.cfg.gender.uncertain_margin)
         ages = stds = None
         if self.age is not None:
-            if not self.age.same_chips(self.gender):
+            if chips is None or isinstance(self.gender, Head) or not self.age.same_chips(self.gender):
                 chips = self.age.chips(bgr, dets)
             ages, stds = classify.age_statistics(self.age.probabilities(chips))
         t2 = time.perf_counter()
@@ -207,6 +257,7 @@ class Pipeline:
                 landmarks=tuple((float(x), float(y)) for x, y in full.landmarks[i]),
                 width_px=b[2] - b[0], p_male=float(pg[i, 1]), p_female=float(pg[i, 0]), gender=labels[i],
                 age=None if ages is None else float(ages[i]), age_std=None if stds is None else float(stds[i]),
+                descriptor=None if feats is None else feats["descriptor"][i].astype("<f2").tobytes(),
             ))
         return faces, {"detect": t1 - t0, "classify": t2 - t1}
 
@@ -220,21 +271,48 @@ def load_pipeline(cfg: PipelineConfig, *, threads: int = 1) -> Pipeline:
     det = Detector(Session(det_path, inputs={"input.1": 4}, outputs=["537", "538", "539", "540"], threads=threads, name="centerface"), cfg.detector)
     hashes = {"centerface": manifest.models["centerface"].inference_sha256}
 
+    backbone = None
+    if cfg.backbone.enabled:
+        bspec = manifest.models.get(cfg.backbone.model)
+        if bspec is None or bspec.role != "backbone":
+            raise ModelLoadError(f"pipeline.backbone.model must name a backbone in {manifest.path}, got "
+                                 f"{cfg.backbone.model!r}; set it to dlib-face-v1 or disable the backbone")
+        outs = tuple(o.name for o in bspec.outputs)
+        bsess = Session(model_store.model_file(mdir, manifest, bspec.name), inputs={bspec.input.name: 4},
+                        outputs=list(outs), threads=threads, name=bspec.name)
+        backbone = Backbone(bsess, ChipSpec("aligned", int(bspec.chip_size or bspec.input.shape[-1]),
+                                            tuple(bspec.normalization.means), float(bspec.normalization.scale),
+                                            "tensors", bspec.input.name, outs[0],
+                                            padding=float(bspec.chip_padding if bspec.chip_padding is not None else align.PADDING)),
+                            outs)
+        hashes["backbone"] = bspec.inference_sha256
+
     g = cfg.gender
-    if g.kind == "seed-efficientnet":
+    gender: Classifier | Head
+    if g.kind != "seed-efficientnet" and g.model in manifest.models and manifest.models[g.model].backbone:
+        hspec = manifest.models[g.model]
+        if backbone is None or hspec.backbone != backbone.session.name:
+            raise ModelLoadError(f"pipeline.gender.model {g.model} reads {hspec.backbone}'s {hspec.backbone_tensor}: "
+                                 f"set pipeline.backbone.enabled: true and pipeline.backbone.model: {hspec.backbone}")
+        hsess = Session(model_store.model_file(mdir, manifest, g.model), inputs={hspec.input.name: 4},
+                        outputs=[hspec.outputs[0].name], threads=threads, name=g.model)
+        gender = Head(hsess, str(hspec.backbone_tensor), hspec.input.name, flip_tta=g.flip_tta)
+        hashes["gender"] = hspec.inference_sha256
+    elif g.kind == "seed-efficientnet":
         path = Path(g.model)
         sess = Session(path, inputs={"input.1": 4}, outputs=None, threads=threads, name=path.name)
         if len(sess.output_names) != 1:
             raise ModelLoadError(f"{path}: a seed-efficientnet model must have exactly one output (p male), it has {sess.output_names}")
         spec = ChipSpec("loose", SEED_SIZE, None, 1 / 255, "sigmoid1", "input.1", sess.output_names[0])
         hashes["gender"] = _sha256(path)
+        gender = Classifier(sess, spec, flip_tta=g.flip_tta)
     else:
         gspec = manifest.models[g.model]
         path = model_store.model_file(mdir, manifest, g.model)
         spec = chip_spec(gspec)
         sess = Session(path, inputs={spec.input_name: 4}, outputs=[spec.output_name], threads=threads, name=g.model)
         hashes["gender"] = gspec.inference_sha256
-    gender = Classifier(sess, spec, flip_tta=g.flip_tta)
+        gender = Classifier(sess, spec, flip_tta=g.flip_tta)
 
     age = None
     if cfg.age.enabled:
@@ -249,7 +327,9 @@ def load_pipeline(cfg: PipelineConfig, *, threads: int = 1) -> Pipeline:
         "detector": {"threshold": d.threshold, "nms_iou": d.nms_iou, "max_side": d.max_side, "tile_side": d.tile_side, "min_face_px": d.min_face_px},
         "gender": {"model": Path(g.model).name, "kind": g.kind, "flip_tta": g.flip_tta, "template": align.TEMPLATE.round(4).tolist()},
     }
-    return Pipeline(cfg, det, gender, age, bundle)
+    if backbone is not None:
+        bundle["backbone"] = {"model": cfg.backbone.model, "size": backbone.spec.size, "padding": backbone.spec.padding}
+    return Pipeline(cfg, det, gender, age, bundle, backbone)
 
 
 def chip_spec(spec: model_store.ModelSpec, *, age: bool = False) -> ChipSpec:

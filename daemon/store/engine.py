@@ -86,7 +86,8 @@ def _v3_sort_indexes(conn: Connection) -> None:
 
 
 # Each migration runs in its own transaction; index i brings the schema to version i + 1.
-MIGRATIONS: list[Callable[[Connection], None]] = [_v1, _v2_reviews, _v3_sort_indexes]
+MIGRATIONS: list[Callable[[Connection], None]] = [_v1, _v2_reviews, _v3_sort_indexes, schema.migrate_v4,
+                                                   schema.migrate_v5]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 

@@ -21,6 +21,7 @@ from sqlalchemy import (
     ForeignKey,
     Index,
     Integer,
+    LargeBinary,
     MetaData,
     String,
     Table,
@@ -118,6 +119,9 @@ faces = Table(
     Column("gender", String(16), nullable=False),
     Column("age", Float),
     Column("age_std", Float),
+    # the face backbone's identity vector (128 float16, little-endian; the analysis' bundle names
+    # the backbone that made it); null when the backbone was disabled
+    Column("descriptor", LargeBinary),
     UniqueConstraint("analysis_id", "idx", name="uq_face_analysis_idx"),
     Index("ix_faces_p_male", "p_male"),
     Index("ix_faces_gender", "gender"),
@@ -160,3 +164,25 @@ def migrate_v3(conn: Connection) -> None:
         ix.drop(conn, checkfirst=True)
     for ix in SORT_INDEXES:
         ix.create(conn, checkfirst=True)
+
+
+def migrate_v4(conn: Connection) -> None:
+    """Schema version 4 (in the migration's transaction): paths are stored in their recorded
+    form (:mod:`daemon.paths`), where a literal backslash is written twice; paths recorded
+    before that get theirs doubled (names that were not UTF-8 could not be recorded at all)."""
+    from sqlalchemy import func, update
+
+    for col in ("path", "root"):
+        c = files.c[col]
+        conn.execute(update(files).where(c.contains("\\", autoescape=True)).values({col: func.replace(c, "\\", "\\\\")}))
+
+
+def migrate_v5(conn: Connection) -> None:
+    """Schema version 5: faces carry the backbone's descriptor (null for faces analysed before).
+    A database created at this version already has the column (version 1 creates the tables)."""
+    from sqlalchemy import inspect, text
+
+    if any(c["name"] == "descriptor" for c in inspect(conn).get_columns("faces")):
+        return
+    kind = LargeBinary().compile(dialect=conn.dialect)
+    conn.execute(text(f"ALTER TABLE faces ADD COLUMN descriptor {kind}"))

@@ -397,6 +397,7 @@ def _face_row(analysis_id: int, idx: int, fc) -> dict:  # noqa: ANN001
         "analysis_id": analysis_id, "idx": idx, "x1": x1, "y1": y1, "x2": x2, "y2": y2, "score": fc.score,
         "landmarks": json.dumps([[round(x, 2), round(y, 2)] for x, y in fc.landmarks]), "width_px": fc.width_px,
         "p_male": fc.p_male, "p_female": fc.p_female, "gender": fc.gender, "age": fc.age, "age_std": fc.age_std,
+        "descriptor": fc.descriptor,
     }
 
 
