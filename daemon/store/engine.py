@@ -9,10 +9,13 @@ starting at once create the schema exactly once.
 
 from __future__ import annotations
 
+import functools
 import logging
+import os
+import sqlite3
 import time
+import urllib.parse
 from collections.abc import Callable
-from pathlib import Path
 
 from sqlalchemy import Connection, Engine, create_engine, event, select, text
 from sqlalchemy.engine import make_url
@@ -45,13 +48,20 @@ def open_engine(url: str, *, readonly: bool = False) -> Engine:
 
 
 def _sqlite(url: str, database: str | None, readonly: bool) -> Engine:
-    if database and database != ":memory:":
-        parent = Path(database).parent
+    memory = not database or database == ":memory:" or database.startswith("file:")
+    path = None if memory else os.path.abspath(database)
+    creator = None
+    if path is not None:
+        parent = os.path.dirname(path)
         if not readonly:
-            parent.mkdir(parents=True, exist_ok=True)
-        elif not Path(database).exists():
-            raise StoreError(f"database: {database} does not exist; run `forensic-gender scan` or the service first, or pass --db")
-    engine = create_engine(url, connect_args={"timeout": BUSY_TIMEOUT_MS / 1000, "check_same_thread": False})
+            _check_writable(path)
+            os.makedirs(parent, exist_ok=True)
+        else:
+            if not os.path.exists(path):
+                raise StoreError(f"database: {path} does not exist; run `forensic-gender scan` or the service first, or pass --db")
+            creator = functools.partial(_connect_readonly, path)
+    args = {"timeout": BUSY_TIMEOUT_MS / 1000, "check_same_thread": False}
+    engine = create_engine(url, connect_args=args, creator=creator) if creator else create_engine(url, connect_args=args)
 
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_conn, _record) -> None:  # noqa: ANN001
@@ -69,6 +79,78 @@ def _sqlite(url: str, database: str | None, readonly: bool) -> Engine:
         conn.exec_driver_sql("BEGIN" if readonly else "BEGIN IMMEDIATE")
 
     return engine
+
+
+def require_writable(url: str) -> None:
+    """Raise :class:`StoreError` with what to do when ``url`` is a SQLite database this user
+    cannot write (call before anything else touches its folder, e.g. a lock file beside it).
+    Other databases: nothing to check here."""
+    try:
+        u = make_url(url)
+    except ArgumentError:
+        return
+    if u.get_backend_name() == "sqlite" and u.database and u.database != ":memory:" and not u.database.startswith("file:"):
+        _check_writable(os.path.abspath(u.database))
+
+
+def _check_writable(path: str) -> None:
+    """Raise :class:`StoreError` saying what to do when a writable SQLite database cannot be
+    kept at ``path``: the file, or the folder that must hold it and its ``-wal`` / ``-shm``
+    files, is read-only for this user (or on a read-only file system)."""
+    parent = os.path.dirname(path)
+    folder = parent
+    while folder and not os.path.exists(folder):  # the nearest folder that exists is where it would be created
+        folder = os.path.dirname(folder)
+    who = _user()
+    fix = ("give that user write access (chown or chmod the folder), or point --db / database: at a writable place, "
+           "e.g. sqlite:////var/lib/forensic-gender/forensic-gender.db")
+    if folder and not os.access(folder, os.W_OK):
+        what = "the folder" if folder == parent else f"the folder {parent} does not exist and its parent"
+        raise StoreError(f"database: {path} must be in a folder this user ({who}) may write, but {what} {folder} is read-only "
+                         f"(the database needs its -wal and -shm files beside it); {fix}; read-only commands (stats, faces, "
+                         "images, show, export, serve --no-review) can read it as it is")
+    for p in (path, path + "-wal", path + "-shm"):
+        if os.path.exists(p) and not os.access(p, os.W_OK):
+            raise StoreError(f"database: {p} must be writable by this user ({who}), but it is read-only; {fix}")
+
+
+def _user() -> str:
+    try:
+        import pwd
+
+        return pwd.getpwuid(os.geteuid()).pw_name
+    except (ImportError, KeyError):
+        return f"uid {os.geteuid()}"
+
+
+def _connect_readonly(path: str) -> sqlite3.Connection:
+    """A read-only SQLite connection (``mode=ro``: nothing is ever written, not even a journal).
+
+    A database in write-ahead-log mode needs its ``-shm`` index to be read; when the folder is
+    read-only and no ``-shm``/``-wal`` exists (the last writer closed cleanly: every committed
+    change is in the main file), the database is opened ``immutable``: nothing can be written
+    there, and a writer, which would first have to create the ``-wal`` file, is not running. A
+    ``-wal`` left without its index (a writer that died) cannot be read from a read-only folder:
+    that is refused with what to do, rather than reading stale data."""
+    uri = "file:" + urllib.parse.quote(path) + "?mode=ro"
+    conn = sqlite3.connect(uri, uri=True, timeout=BUSY_TIMEOUT_MS / 1000, check_same_thread=False)
+    try:
+        conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
+        return conn
+    except sqlite3.OperationalError as err:
+        conn.close()
+        name = getattr(err, "sqlite_errorname", "")
+        if name not in ("SQLITE_READONLY_DIRECTORY", "SQLITE_CANTOPEN", "SQLITE_READONLY_CANTINIT", "SQLITE_READONLY_RECOVERY"):
+            raise
+        if os.path.exists(path + "-wal"):
+            raise StoreError(
+                f"database: {path} cannot be read: its write-ahead log {path}-wal must be indexed in {path}-shm, which "
+                f"cannot be created in the read-only folder {os.path.dirname(path)} ({err}); open the database once as a user "
+                "who may write that folder (any forensic-gender command, e.g. `forensic-gender stats`), or copy the "
+                "database with its -wal file to a writable folder and pass that with --db") from err
+    log.info("database %s: its folder is read-only and it has no write-ahead log; opened as an immutable file", path)
+    conn = sqlite3.connect(uri + "&immutable=1", uri=True, timeout=BUSY_TIMEOUT_MS / 1000, check_same_thread=False)
+    return conn
 
 
 def _v1(conn: Connection) -> None:
@@ -106,10 +188,20 @@ def migrate(engine: Engine) -> int:
         try:
             return _migrate(engine)
         except OperationalError as err:
+            if _readonly_error(err):
+                raise StoreError(f"database {engine.url.render_as_string(hide_password=True)}: cannot write ({err.orig}); "
+                                 "the database file or its folder is read-only for this user: give it write access, or use a "
+                                 "writable --db") from err
             if attempt == 29:
                 raise StoreError(f"database {engine.url.render_as_string(hide_password=True)}: cannot migrate the schema ({err.orig}); is the server up?") from err
             time.sleep(min(2.0, 0.1 * 2**attempt))
     raise AssertionError("unreachable")
+
+
+def _readonly_error(err: OperationalError) -> bool:
+    """Whether ``err`` says the database cannot be written at all (retrying cannot help)."""
+    name = getattr(err.orig, "sqlite_errorname", "") or ""
+    return name.startswith("SQLITE_READONLY") or "readonly database" in str(err.orig)
 
 
 def _migrate(engine: Engine) -> int:

@@ -140,6 +140,11 @@ class Review:
             out.append(f"note must be at most 2000 characters, got {len(self.note)}")
         if self.reviewer is not None and len(self.reviewer) > 128:
             out.append(f"reviewer must be at most 128 characters, got {len(self.reviewer)}")
+        for name, value in (("note", self.note), ("reviewer", self.reviewer)):
+            if value is not None and "\x00" in value:
+                out.append(f"{name} must not contain a NUL character; remove it")
+            if value is not None and any("\ud800" <= c <= "\udfff" for c in value):
+                out.append(f"{name} must be valid text (UTF-8), got undecodable bytes; retype it")
         return out
 
 
