@@ -30,7 +30,7 @@ test: setup
 	$(BIN)/python -m pytest -q
 
 eval: setup
-	$(FG) evaluate $(DEV)/lfw $(DEV)/utkface $(DEV)/wider --out reports/eval --skip-missing
+	$(FG) evaluate $(DEV)/lfw $(DEV)/utkface $(DEV)/wider $(DEV)/fairface --out reports/eval --skip-missing
 
 bench: setup
 	$(BIN)/python benchmarks/bench.py

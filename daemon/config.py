@@ -41,16 +41,19 @@ class DetectorConfig:
 
 @dataclass(frozen=True)
 class GenderConfig:
-    """Gender model and decision. ``model``: a manifest name (``gender-v1``) or a path to an
-    ONNX file; ``kind``: ``dlib-chip`` (manifest models) or ``seed-efficientnet`` (the research
+    """Gender model and decision. ``model``: a manifest name (``gender-dlib-v1``, a head on the
+    face backbone; ``gender-v1``; ``gender-wild-v1``) or a path to an ONNX file; ``kind``:
+    ``dlib-chip`` / ``project-chip`` (manifest models) or ``seed-efficientnet`` (the research
     project's 150x150 sigmoid model). Labels: male when p >= threshold + uncertain_margin,
-    female when p <= threshold - uncertain_margin, uncertain in between."""
+    female when p <= threshold - uncertain_margin, uncertain in between (0.2: the band that holds
+    most of the errors, see models/gender-dlib-v1.md). ``flip_tta``: average with the mirrored
+    face (for a head: a second backbone pass)."""
 
-    model: str = "gender-wild-v1"
+    model: str = "gender-dlib-v1"
     kind: str = "project-chip"
     threshold: float = 0.5
-    uncertain_margin: float = 0.1
-    flip_tta: bool = True
+    uncertain_margin: float = 0.2
+    flip_tta: bool = False
 
 
 @dataclass(frozen=True)

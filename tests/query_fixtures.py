@@ -24,6 +24,8 @@ from pathlib import Path
 import pytest
 from sqlalchemy import insert, select, text
 
+from daemon.queries.filters import Cut
+
 from daemon.store import reviews as rv
 from daemon.store import schema as s
 from daemon.store.engine import open_engine, open_store_engine
@@ -191,7 +193,7 @@ def load_world(url: str) -> dict:
     return w
 
 
-def reference_faces(w: dict, f, threshold: float = 0.5, margin: float = 0.1) -> list[dict]:  # noqa: ANN001
+def reference_faces(w: dict, f, threshold: float = Cut.threshold, margin: float = Cut.margin) -> list[dict]:  # noqa: ANN001
     """The face rows ``f`` selects, computed in Python (unordered)."""
     import fnmatch
 

@@ -23,6 +23,8 @@ from daemon.queries.filters import Cut, FilterError, Filters, glob_match, parse,
 from daemon.store import reviews as rv
 from daemon.store.engine import SCHEMA_VERSION, open_engine, open_store_engine, schema_version
 
+BAND01 = Cut(0.5, 0.1)  # the synthetic faces below were designed around a 0.1 band
+
 # --------------------------------------------------------------------------------------------
 # The filter model (pure)
 
@@ -163,16 +165,17 @@ def _rows(url: str, f: Filters, cut: Cut = Cut()) -> list[dict]:
 
 def test_gender_is_recut_at_query_time(synth) -> None:  # noqa: ANN001
     F = synth.face  # noqa: N806
+    # default cut 0.5 +- 0.2 (the configuration's): 0.4, 0.5, 0.55 and 0.6 are all uncertain
     rows = {r["face_id"]: r for r in _rows(synth.url, Filters(bundle="all"))}
-    # default cut 0.5 +- 0.1; the band's edges belong to the labels (p >= 0.6 male, p <= 0.4 female)
-    assert rows[F["img1/b1/1"]]["gender"] == "female"  # p = 0.4
-    assert rows[F["img1/b2/1"]]["gender"] == "male"  # p = 0.6
-    assert rows[F["img2/b2/0"]]["gender"] == "uncertain"  # p = 0.5
-    assert rows[F["img3/b1/0"]]["gender"] == "uncertain"  # p = 0.55
-    # stricter band: 0.5 +- 0.2 -> 0.4 and 0.6 become uncertain; the stored label is untouched
-    strict = {r["face_id"]: r for r in _rows(synth.url, Filters(bundle="all", margin=0.2))}
-    assert strict[F["img1/b1/1"]]["gender"] == "uncertain" and strict[F["img1/b1/1"]]["model_gender"] == "female"
-    assert strict[F["img1/b2/1"]]["gender"] == "uncertain"
+    for key in ("img1/b1/1", "img1/b2/1", "img2/b2/0", "img3/b1/0"):
+        assert rows[F[key]]["gender"] == "uncertain", key
+    assert rows[F["img1/b1/1"]]["model_gender"] == "female"  # the stored label is untouched
+    # narrower band 0.5 +- 0.1: the band's edges belong to the labels (p >= 0.6 male, p <= 0.4 female)
+    narrow = {r["face_id"]: r for r in _rows(synth.url, Filters(bundle="all", margin=0.1))}
+    assert narrow[F["img1/b1/1"]]["gender"] == "female"  # p = 0.4
+    assert narrow[F["img1/b2/1"]]["gender"] == "male"  # p = 0.6
+    assert narrow[F["img2/b2/0"]]["gender"] == "uncertain"  # p = 0.5
+    assert narrow[F["img3/b1/0"]]["gender"] == "uncertain"  # p = 0.55
     # margin 0: every face gets a label, p == threshold counts as male (classify.decide)
     zero = {r["face_id"]: r for r in _rows(synth.url, Filters(bundle="all", margin=0.0))}
     assert zero[F["img2/b2/0"]]["gender"] == "male"
@@ -246,7 +249,7 @@ def test_sort_and_pages(synth) -> None:  # noqa: ANN001
 def test_images_rows(synth) -> None:  # noqa: ANN001
     engine = open_engine(synth.url, readonly=True)
     with engine.connect() as c:
-        sc = read.scope(c, Filters(), Cut())
+        sc = read.scope(c, Filters(), BAND01)
         rows = list(read.images(c, Filters(), sc))
         by_path = {r["path"]: r for r in rows}
         assert len(rows) == 6  # five contents and one file never hashed
@@ -259,11 +262,11 @@ def test_images_rows(synth) -> None:  # noqa: ANN001
         assert (by_path["/ev/c/none.png"]["faces"], by_path["/ev/c/none.png"]["analyses"]) == (0, 1)
         one = by_path["/ev/a/one.jpg"]
         assert (one["faces"], one["male"], one["bundle"]) == (2, 2, B2)  # latest analysis: 0.92 and 0.6
-        old = list(read.images(c, parse({"bundle": B1}), read.scope(c, parse({"bundle": B1}), Cut())))
+        old = list(read.images(c, parse({"bundle": B1}), read.scope(c, parse({"bundle": B1}), BAND01)))
         assert {r["path"]: (r["faces"], r["female"], r["uncertain"]) for r in old} == {"/ev/a/one.jpg": (2, 1, 0), "/ev/a/THREE.JPG": (1, 0, 1)}
         # face filters keep images with at least one matching face
         f = parse({"gender": "uncertain"})
-        assert {r["path"] for r in read.images(c, f, read.scope(c, f, Cut()))} == {"/ev/b/two%_[x].jpg", "/ev/a/THREE.JPG"}
+        assert {r["path"] for r in read.images(c, f, read.scope(c, f, BAND01))} == {"/ev/b/two%_[x].jpg", "/ev/a/THREE.JPG"}
         f = parse({"reason": "truncated"})
         assert [r["path"] for r in read.images(c, f, sc)] == ["/ev/bad/broken.jpg"]
         f = parse({"sort": "-faces", "limit": "2"})
@@ -277,7 +280,7 @@ def test_images_rows(synth) -> None:  # noqa: ANN001
 def test_stats(synth) -> None:  # noqa: ANN001
     engine = open_engine(synth.url, readonly=True)
     with engine.connect() as c:
-        st = read.stats(c, Filters(), read.scope(c, Filters(), Cut()), now=T0 + 1030)
+        st = read.stats(c, Filters(), read.scope(c, Filters(), BAND01), now=T0 + 1030)
         assert (st["files"], st["images"], st["faces"], st["images_with_faces"]) == (7, 5, 7, 5)
         assert st["by_state"] == {"done": 5, "failed": 1, "gone": 1}
         assert st["failures"] == {"truncated": 1}
@@ -290,7 +293,7 @@ def test_stats(synth) -> None:  # noqa: ANN001
         assert [b["key"] for b in st["bundles"]] == [B1, B2] and [b["analyses"] for b in st["bundles"]] == [2, 5]
         assert st["last_hour"]["analyses"] == 7
         f = parse({"root": "/ev2"})
-        st2 = read.stats(c, f, read.scope(c, f, Cut()))
+        st2 = read.stats(c, f, read.scope(c, f, BAND01))
         assert (st2["files"], st2["faces"]) == (1, 2)
     engine.dispose()
 
@@ -319,7 +322,7 @@ def test_reviews_survive_reanalysis_and_never_touch_model_output(synth) -> None:
     assert F["img1/b2/0"] in _ids(synth.url, parse({"review": "unreviewed"}))
     engine = open_engine(synth.url, readonly=True)
     with engine.connect() as c:
-        row = read.face(c, F["img1/b2/0"], read.scope(c, Filters(), Cut()))
+        row = read.face(c, F["img1/b2/0"], read.scope(c, Filters(), BAND01))
         assert [h["status"] for h in read.review_history(c, row)] == ["corrected", "corrected", "cleared"]
         faces_rows = c.execute(select(read.s.faces.c.p_male, read.s.faces.c.gender).order_by(read.s.faces.c.id)).all()
         assert [tuple(r) for r in faces_rows][0] == (0.95, "male")
@@ -361,7 +364,7 @@ def test_show_detail(synth) -> None:  # noqa: ANN001
         assert read.find_image(c, synth.sha["img1"][:10])[0] == image_id
         assert read.find_image(c, "/nowhere.jpg")[0] is None
         assert "never hashed" in read.find_image(c, "/ev/bad/broken.jpg")[1][0]
-        d = read.image_detail(c, image_id, read.scope(c, Filters(), Cut()))
+        d = read.image_detail(c, image_id, read.scope(c, Filters(), BAND01))
         assert [a["bundle"] for a in d["analyses"]] == [B1, B2] and [a["latest"] for a in d["analyses"]] == [False, True]
         assert [len(a["faces_rows"]) for a in d["analyses"]] == [2, 2]
         assert [r["status"] for r in d["reviews"]] == ["confirmed"] and d["reviews"][0]["label"] == "male"
@@ -402,7 +405,7 @@ def test_queries_work_on_a_version_1_database(tmp_path) -> None:  # noqa: ANN001
     engine = open_engine(url1, readonly=True)
     with engine.connect() as c:
         f = parse({"review": "unreviewed"})
-        sc = read.scope(c, f, Cut())
+        sc = read.scope(c, f, BAND01)
         assert sc.reviews is False
         assert list(read.faces(c, f, sc)) == []
         assert read.stats(c, Filters(), sc)["reviews"] == {}
@@ -482,11 +485,11 @@ def test_duplicate_content_is_one_image_with_two_paths(real_db) -> None:  # noqa
     engine = open_engine(real_db.url, readonly=True)
     with engine.connect() as c:
         f = parse({"sha256": real_db.dup_sha})
-        rows = list(read.images(c, f, read.scope(c, f, Cut())))
+        rows = list(read.images(c, f, read.scope(c, f, BAND01)))
         assert len(rows) == 1 and len(rows[0]["paths"]) == 2
         assert rows[0]["paths"][0]["path"].endswith("/copies/copy of " + rows[0]["paths"][1]["path"].rsplit("/", 1)[1])
         f = parse({"status": "failed"})
-        failed = {r["path"].rsplit("/", 1)[1]: r["reason"] for r in read.images(c, f, read.scope(c, f, Cut()))}
+        failed = {r["path"].rsplit("/", 1)[1]: r["reason"] for r in read.images(c, f, read.scope(c, f, BAND01))}
         assert failed == {"truncated.jpg": "truncated", "notes.txt": "not_an_image"}
     engine.dispose()
 
@@ -508,7 +511,7 @@ def test_faces_command_formats(real_db, capsys) -> None:  # noqa: ANN001
     lines = out.splitlines()
     assert lines[0].split()[:4] == ["ID", "GENDER", "P(MALE)", "AGE"] and len(lines) == 7
     assert all(" female " in ln for ln in lines[1:6])
-    assert re.match(r"5 of \d+ matching face\(s\) shown \(cut: threshold 0\.5, margin 0\.1\); more with --offset 5", lines[-1])
+    assert re.match(r"5 of \d+ matching face\(s\) shown \(cut: threshold 0\.5, margin 0\.2\); more with --offset 5", lines[-1])
     code, out, _ = _cli(capsys, "faces", *db, "--gender", "female", "--limit", "0", "--format", "csv")
     rows = list(csv.DictReader(io.StringIO(out)))
     from daemon.queries.cli import FACE_COLUMNS
@@ -517,7 +520,7 @@ def test_faces_command_formats(real_db, capsys) -> None:  # noqa: ANN001
     code, out, _ = _cli(capsys, "faces", *db, "--gender", "female", "--limit", "0", "--format", "json")
     doc = json.loads(out)
     assert doc["format"] == "forensic-gender/faces" and doc["count"] == len(rows) == len(doc["faces"])
-    assert doc["query"] == {"gender": ["female"]} and doc["cut"] == {"threshold": 0.5, "margin": 0.1}
+    assert doc["query"] == {"gender": ["female"]} and doc["cut"] == {"threshold": 0.5, "margin": 0.2}
     code, out, _ = _cli(capsys, "faces", *db, "--gender", "female", "--limit", "0", "--format", "jsonl")
     assert [json.loads(x)["face_id"] for x in out.splitlines()] == [int(r["face_id"]) for r in rows]
     code, _, err = _cli(capsys, "faces", *db, "--gender", "woman", "--p-male-min", "x")
@@ -683,7 +686,7 @@ def test_keyset_pages_give_every_face_once_in_order_both_ways(ties) -> None:  # 
             for key in flt.FACE_SORTS:
                 for sort in (key, "-" + key):
                     f = parse({"sort": sort, "bundle": bundle, "limit": "4"})
-                    sc = read.scope(c, f, Cut())
+                    sc = read.scope(c, f, BAND01)
                     full = list(read.faces(c, f.page(None), sc))
                     ids = [r["face_id"] for r in full]
                     assert ids == _expected_order(full, sort), (sort, bundle)
@@ -715,7 +718,7 @@ def test_keyset_images_pages(ties) -> None:  # noqa: ANN001
         for key in flt.IMAGE_SORTS:
             for sort in (key, "-" + key):
                 f = parse({"sort": sort, "limit": "3"})
-                sc = read.scope(c, f, Cut())
+                sc = read.scope(c, f, BAND01)
                 full = [r["path"] for r in read.images(c, f.page(None), sc)]
                 assert len(full) == len(set(full)) == 11  # ten contents with a path and the file never hashed
                 pages, page = [], read.image_page(c, f, sc)
@@ -747,7 +750,7 @@ def test_keyset_positions_are_checked(ties) -> None:  # noqa: ANN001
         ]:
             f = parse(values)
             with pytest.raises(FilterError) as err:
-                list(read.faces(c, f, read.scope(c, f, Cut())))
+                list(read.faces(c, f, read.scope(c, f, BAND01)))
             assert message in err.value.problems[0], err.value.problems
     engine.dispose()
     for values, message in [({"after": "1", "before": "2"}, "--after/--before: give one of them"),

@@ -1,8 +1,9 @@
-"""The project-trained gender model (``gender-wild-v1``): committed file, manifest, card, figures.
+"""The project-trained gender models (``gender-wild-v1``, and ``gender-dlib-v1``, a head on the
+dlib backbone): committed file, manifest, card, figures.
 
 - The committed ONNX file's size and sha256 equal the manifest's, and its graph has the
-  contract the manifest declares (``images`` [N,3,64,64] -> ``probabilities`` [N,2], dynamic
-  batch, rows summing to one).
+  contract the manifest declares (``images`` [N,3,64,64] or the backbone's ``level1``
+  [N,256,4,4] -> ``probabilities`` [N,2], dynamic batch, rows summing to one).
 - The model card exists and states the hash, the command and the dev figures.
 - On a small, fixed dev sample (100 LFW and 100 UTKFace faces of ``../shared/data/dev``, every
   k-th by file name), the product pipeline with this model reproduces the figures the card lists in
@@ -22,16 +23,17 @@ import pytest
 
 from daemon import models
 
-NAME = "gender-wild-v1"
+NAMES = ("gender-wild-v1", "gender-dlib-v1")
+COMMANDS = {"gender-wild-v1": "python -m training.train", "gender-dlib-v1": "python -m training.branch"}
 REPO = Path(models.__file__).resolve().parents[1]
 MODELS = REPO / "models"
 SAMPLE = 100  # faces per folder
 TOLERANCE = {"f1": 0.03, "accuracy": 0.03, "auc": 0.02, "mean_p_male_male": 0.03, "mean_p_male_female": 0.03}
 
 
-@pytest.fixture(scope="module")
-def spec() -> models.ModelSpec:
-    return models.load_manifest(MODELS).models[NAME]
+@pytest.fixture(scope="module", params=NAMES)
+def spec(request: pytest.FixtureRequest) -> models.ModelSpec:
+    return models.load_manifest(MODELS).models[request.param]
 
 
 def card_block(spec: models.ModelSpec) -> dict:
@@ -48,7 +50,7 @@ def test_committed_file_matches_manifest(spec: models.ModelSpec) -> None:
     assert len(data) == spec.bytes
     assert hashlib.sha256(data).hexdigest() == spec.sha256
     assert len(data) < 8 * 1024 * 1024, "a committed model must stay a few MB"
-    status = {s.name: s for s in models.verify(MODELS, models.load_manifest(MODELS))}[NAME]
+    status = {s.name: s for s in models.verify(MODELS, models.load_manifest(MODELS))}[spec.name]
     assert status.valid, status.detail
 
 
@@ -58,12 +60,13 @@ def test_graph_contract(spec: models.ModelSpec) -> None:
     sess = ort.InferenceSession(str(MODELS / spec.filename), providers=["CPUExecutionProvider"])
     (inp,) = sess.get_inputs()
     (out,) = sess.get_outputs()
-    assert inp.name == spec.input.name == "images"
+    assert inp.name == spec.input.name == ("level1" if spec.backbone else "images")
     assert out.name == spec.outputs[0].name == "probabilities"
-    assert list(inp.shape[1:]) == [3, 64, 64] and not isinstance(inp.shape[0], int)
+    assert tuple(inp.shape[1:]) == spec.input.shape[1:] and not isinstance(inp.shape[0], int)
     assert spec.labels == ("female", "male")
-    x = np.random.default_rng(0).uniform(-0.5, 0.5, (5, 3, 64, 64)).astype(np.float32)
-    (p,) = sess.run(["probabilities"], {"images": x})
+    rng = np.random.default_rng(0)
+    x = (rng.uniform(0, 2, (5, *spec.input.shape[1:])) if spec.backbone else rng.uniform(-0.5, 0.5, (5, 3, 64, 64))).astype(np.float32)
+    (p,) = sess.run(["probabilities"], {inp.name: x})
     assert p.shape == (5, 2)
     assert np.allclose(p.sum(1), 1, atol=1e-5) and (p >= 0).all()
 
@@ -71,11 +74,11 @@ def test_graph_contract(spec: models.ModelSpec) -> None:
 def test_card_states_hash_command_and_figures(spec: models.ModelSpec) -> None:
     text = (MODELS / spec.model_card).read_text(encoding="utf-8")
     assert spec.sha256 in text
-    assert "python -m training.train" in text
+    assert COMMANDS[spec.name] in text
     for word in ("WIDER", "LFW", "UTKFace", "ECE", "ROC-AUC", "children", "occlusion", "resolution"):
         assert word in text, word
     block = card_block(spec)
-    assert block["model"] == NAME and block["sha256"] == spec.sha256
+    assert block["model"] == spec.name and block["sha256"] == spec.sha256
 
 
 def _sample(folder: Path) -> list[tuple[str, str]]:
@@ -86,7 +89,7 @@ def _sample(folder: Path) -> list[tuple[str, str]]:
     return rows[::step][:SAMPLE]  # spread over the folder (UTKFace names start with the age)
 
 
-def sample_figures(dev: Path, folders: tuple[str, ...] = ("lfw", "utkface")) -> dict:
+def sample_figures(dev: Path, folders: tuple[str, ...] = ("lfw", "utkface"), name: str = NAMES[0]) -> dict:
     """The figures the card's test-sample block lists, measured now with the product pipeline."""
     from dataclasses import replace
 
@@ -95,7 +98,7 @@ def sample_figures(dev: Path, folders: tuple[str, ...] = ("lfw", "utkface")) -> 
     from daemon.pipeline.analyze import load_pipeline
     from daemon.pipeline.images import ImageError
 
-    cfg = replace(PipelineConfig(), gender=GenderConfig(model=NAME, kind="project-chip", flip_tta=False))
+    cfg = replace(PipelineConfig(), gender=GenderConfig(model=name, kind="project-chip", flip_tta=False))
     pipe = load_pipeline(replace(cfg, age=replace(cfg.age, enabled=False)))
     out = {}
     for name in folders:
@@ -134,7 +137,7 @@ def sample_figures(dev: Path, folders: tuple[str, ...] = ("lfw", "utkface")) -> 
 @pytest.mark.models
 def test_figures_on_dev_sample_match_card(spec: models.ModelSpec, dev_data: Path, models_ready: None) -> None:
     expected = card_block(spec)["figures"]
-    got = sample_figures(dev_data, tuple(expected))
+    got = sample_figures(dev_data, tuple(expected), spec.name)
     for folder, exp in expected.items():
         g = got[folder]
         assert abs(g["faces"] - exp["faces"]) <= 2, (folder, g, exp)

@@ -49,6 +49,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
 from datetime import datetime
 
+from daemon.config import GenderConfig
 from daemon.store.schema import FILE_STATES
 
 GENDERS = ("female", "male", "uncertain")
@@ -70,10 +71,11 @@ class FilterError(ValueError):
 
 @dataclass(frozen=True)
 class Cut:
-    """The gender decision applied at query time (see the module docstring)."""
+    """The gender decision applied at query time (see the module docstring); the defaults are
+    the configuration's."""
 
-    threshold: float = 0.5
-    margin: float = 0.1
+    threshold: float = GenderConfig.threshold
+    margin: float = GenderConfig.uncertain_margin
 
 
 @dataclass(frozen=True)
@@ -634,7 +636,7 @@ _HELP = {
     "p_male_min": "p(male) at least P", "p_male_max": "p(male) at most P",
     "uncertain": "only faces in the uncertain band of the cut (same as --gender uncertain)",
     "threshold": "decision threshold on p(male) (default: the configuration's, 0.5)",
-    "margin": "half-width of the uncertain band (default: the configuration's, 0.1)",
+    "margin": "half-width of the uncertain band (default: the configuration's, 0.2)",
     "age_min": "estimated age at least A", "age_max": "estimated age at most A",
     "minors": "likely (age + k*std < 18) or possible (age - k*std < 18); bare --minors means likely",
     "minor_k": "spread multiplier k for --minors (default 1)",
