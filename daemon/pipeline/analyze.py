@@ -172,12 +172,11 @@ class Backbone:
 
 
 class Head:
-    """A gender model that reads a backbone tensor instead of pixels (``[female, male]`` out)."""
+    """A gender model that reads a backbone tensor instead of pixels (``[female, male]`` out,
+    calibrated inside the graph)."""
 
-    def __init__(self, session: Session, tensor: str, input_name: str, temperature: float = 1.0,
-                 *, flip_tta: bool = False) -> None:
-        self.session, self.tensor, self.input_name = session, tensor, input_name
-        self.temperature, self.flip_tta = temperature, flip_tta
+    def __init__(self, session: Session, tensor: str, input_name: str, *, flip_tta: bool = False) -> None:
+        self.session, self.tensor, self.input_name, self.flip_tta = session, tensor, input_name, flip_tta
 
     def probabilities(self, feats: dict[str, np.ndarray], flipped: dict[str, np.ndarray] | None = None) -> np.ndarray:
         """(N, 2) checked probabilities; averaged with the mirrored faces' when given."""
