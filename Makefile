@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | sha256sum | cut -c1-12
 DEMO   ?= var/demo-evidence
 DEV    ?= ../shared/data/dev
 
-.PHONY: setup models run test eval bench train clean
+.PHONY: setup models run test eval bench train train-wild clean
 
 setup: $(STAMP) models
 
@@ -35,7 +35,14 @@ eval: setup
 bench: setup
 	$(BIN)/python benchmarks/bench.py
 
+# the default gender model, models/gender-dlib-v1.onnx (~35 min on 2 shared cores); train-wild: gender-wild-v1
 train: setup
+	$(BIN)/python -m pip install --quiet -e '.[train]'
+	$(BIN)/python -m training.features
+	$(BIN)/python -m training.branch --cv desc-logistic branch-l0
+	$(BIN)/python -m training.branch --final branch-l0
+
+train-wild: setup
 	$(BIN)/python -m pip install --quiet -e '.[train]'
 	$(BIN)/python -m training.train
 
