@@ -278,6 +278,21 @@ def test_media_are_for_this_page_only(evidence: Evidence) -> None:
         app.close()
 
 
+def _eight_requests(ev: Evidence, name: str) -> list[str]:
+    """The page's image of ``name`` four times and its first face four times."""
+    return [f"/media/image/{ev.sha[name]}.jpg"] * 4 + [f"/media/face/{ev.face[name]}.jpg"] * 4
+
+
+def _at_once(fn, args: list[str], timeout: float) -> None:  # noqa: ANN001
+    """``fn(a)`` for every ``a`` in its own thread, all started before any is joined (bounded wait)."""
+    threads = [threading.Thread(target=fn, args=(a,)) for a in args]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout)
+        assert not t.is_alive()
+
+
 def test_media_decoding_is_bounded_in_concurrency_and_memory(evidence: Evidence) -> None:
     """Eight requests at once for each large image: at most MEDIA_CONCURRENCY decode at a time,
     what is kept is no larger than the page shows, and the peak of traced memory stays far
@@ -302,13 +317,7 @@ def test_media_decoding_is_bounded_in_concurrency_and_memory(evidence: Evidence)
             tracemalloc.reset_peak()
             for name in ("big.png", "big.jpg"):
                 st.cache = web._Images()
-                urls = [f"/media/image/{evidence.sha[name]}.jpg"] * 4 + [f"/media/face/{evidence.face[name]}.jpg"] * 4
-                threads = [threading.Thread(target=get, args=(u,)) for u in urls]
-                for t in threads:
-                    t.start()
-                for t in threads:
-                    t.join(120)
-                    assert not t.is_alive()
+                _at_once(get, _eight_requests(evidence, name), 120)
                 for px in st.cache.items.values():
                     assert max(px.bgr.shape[:2]) <= web.DISPLAY_SIDE and px.scale < 1
             _, peak = tracemalloc.get_traced_memory()
@@ -387,13 +396,7 @@ def test_a_64_mp_image_requested_8_times_at_once_stays_small(tmp_path: Path) -> 
                 codes.append(err.code)
 
         for name in ("huge.png", "huge.jpg"):
-            paths_ = [f"/media/image/{ev.sha[name]}.jpg"] * 4 + [f"/media/face/{ev.face[name]}.jpg"] * 4
-            threads = [threading.Thread(target=get, args=(p,)) for p in paths_]
-            for t in threads:
-                t.start()
-            for t in threads:
-                t.join(180)
-                assert not t.is_alive()
+            _at_once(get, _eight_requests(ev, name), 180)
         grown = _peak_rss(proc.pid) - before
     finally:
         _stop(proc)

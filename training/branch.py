@@ -46,6 +46,7 @@ ROOT = Path(__file__).resolve().parents[1]
 RUNS = ROOT / "var" / "train-runs"
 SOURCES = features.SOURCES
 FOLDS = 5
+BAND_MARGINS = (0.1, 0.15, 0.2, 0.25, 0.3)  # uncertain bands reported out of fold (the default is chosen from them)
 
 
 # ------------------------------------------------------------------------------------- data
@@ -241,7 +242,8 @@ def cross_validate(d: dict[str, np.ndarray], names: list[str]) -> dict:
             t = temperature(z, y)
             p = 1 / (1 + np.exp(-z / t))
             table[name] = {"temperature": t, "ece": metrics.reliability(y == 1, p)[1],
-                           "sources": source_table(p, d, margin=0.15)}
+                           "sources": source_table(p, d, margin=0.15),
+                           "bands": {str(m): metrics.band_report(y == 1, p, margin=m) for m in BAND_MARGINS}}
     return {"folds": FOLDS, "seconds": round(time.perf_counter() - t0), "candidates": table,
             "oof": {n: oof[n].round(4).tolist() for n in names}}
 
@@ -258,6 +260,11 @@ def print_table(res: dict) -> None:
             cells.append(f"{r['f1']:.3f} [{lo:.3f}, {hi:.3f}] AUC {r['roc_auc']:.3f}")
         cells.append(f"{c['sources']['wider'].get('f1_ge32', float('nan')):.3f}")
         print(f"| {name} | {c['temperature']:.2f} | " + " | ".join(cells) + " |")
+    print("\nuncertain band |p - 0.5| < m, out of fold over all sources: share of faces inside / errors it holds / error rate outside")
+    for name, c in res["candidates"].items():
+        if "bands" in c:
+            print(f"  {name}: " + "; ".join(f"m {m}: {b['inside_share']:.2f} / {b['errors_held']:.2f} / {b['error_outside']:.3f}"
+                                          for m, b in c["bands"].items()))
 
 
 # ------------------------------------------------------------------------------------- export

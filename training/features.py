@@ -74,8 +74,9 @@ def run(data: Path, cache: Path, src: str, views: int, batch: int = 32, seed: in
     d = np.load(dets_path)
     sess, spec = backbone_session()
     mdir = models.default_models_dir()
-    g1 = models.load_manifest(mdir).models["gender-v1"]
-    g1s = Session(models.model_file(mdir, models.load_manifest(mdir), "gender-v1"), inputs={g1.input.name: 4},
+    manifest = models.load_manifest(mdir)
+    g1 = manifest.models["gender-v1"]
+    g1s = Session(models.model_file(mdir, manifest, "gender-v1"), inputs={g1.input.name: 4},
                   outputs=[g1.outputs[0].name], threads=1, name="gender-v1")
     from daemon.pipeline import align
 

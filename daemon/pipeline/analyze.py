@@ -243,7 +243,7 @@ class Pipeline:
         labels = classify.decide(pg[:, 1], self.cfg.gender.threshold, self.cfg.gender.uncertain_margin)
         ages = stds = None
         if self.age is not None:
-            if chips is None or isinstance(self.gender, Head) or not self.age.same_chips(self.gender):
+            if chips is None or not self.age.same_chips(self.gender):  # a head cuts no chips
                 chips = self.age.chips(bgr, dets)
             ages, stds = classify.age_statistics(self.age.probabilities(chips))
         t2 = time.perf_counter()
