@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | sha256sum | cut -c1-12
 DEMO   ?= var/demo-evidence
 DEV    ?= ../shared/data/dev
 
-.PHONY: setup models run test eval bench train train-wild clean
+.PHONY: setup models run lint test eval bench train train-wild clean
 
 setup: $(STAMP) models
 
@@ -26,7 +26,13 @@ run: setup
 	@echo "Query the results with: $(FG) faces --db sqlite:///var/forensic-gender.db   (Ctrl-C stops the service)"
 	$(FG) run --watch $(DEMO) --db sqlite:///var/forensic-gender.db
 
-test: setup
+# the rules that run (pyproject.toml: [tool.ruff], [tool.mypy]); `make test` runs them first
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+test: setup lint
 	$(BIN)/python -m pytest -q
 
 eval: setup

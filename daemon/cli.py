@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.util
 import json
 import logging
 import os
 import sys
+from collections.abc import Sequence
 
 from daemon import __version__
 from daemon import config as config_mod
@@ -16,9 +18,14 @@ from daemon.paths import show, to_db
 
 log = logging.getLogger("daemon")
 
-# Modules that add their own sub-commands with ``register_cli(subparsers)``; optional ones
-# (not yet present in a checkout) are skipped.
-PLUGINS = ("daemon.models", "daemon.evaluate", "daemon.service", "daemon.queries.cli", "daemon.web")
+# Modules that add their own sub-commands with ``register_cli(subparsers)``, each with the extra
+# its commands need (None: the base install has all they import). ``register_cli`` must work
+# without that extra (the module imports it lazily): when the extra is missing, its commands are
+# stubs that say what to install. A module not present in a checkout is skipped.
+PLUGINS: dict[str, str | None] = {"daemon.models": None, "daemon.evaluate": None, "daemon.service": None, "daemon.queries.cli": None,
+                                  "daemon.web": "web"}
+# What each extra of pyproject.toml's [project.optional-dependencies] that PLUGINS names installs (import names).
+EXTRAS: dict[str, tuple[str, ...]] = {"web": ("starlette", "jinja2", "uvicorn")}
 
 
 class _SafeFormatter(logging.Formatter):
@@ -264,15 +271,44 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_args(p)
     p.set_defaults(func=cmd_check_config)
 
-    for name in PLUGINS:
+    for name, extra in PLUGINS.items():
         try:
             mod = importlib.import_module(name)
         except ModuleNotFoundError as err:
             if err.name and name.startswith(err.name):
                 continue
             raise
-        mod.register_cli(sub)
+        missing = [m for m in EXTRAS.get(extra or "", ()) if importlib.util.find_spec(m) is None]
+        if not missing:
+            mod.register_cli(sub)
+            continue
+        probe = argparse.ArgumentParser(add_help=False).add_subparsers()
+        mod.register_cli(probe)  # only to learn the names of its commands
+        for command in probe.choices:
+            why = f"needs the {extra} extra ({', '.join(missing)} not installed): pip install 'forensic-gender[{extra}]'"
+            sub.add_parser(command, help=why)
+            sub.choices[command] = _ExtraMissing(command, why)
     return parser
+
+
+class _ExtraMissing(argparse.ArgumentParser):
+    """A command whose extra is not installed: what follows its name (``--help`` too) is not
+    parsed; the command says which extra to install and exits 2."""
+
+    def __init__(self, command: str, message: str) -> None:
+        super().__init__(prog=f"forensic-gender {command}", add_help=False)
+        self.message = message
+
+    def parse_known_args(  # type: ignore[override]
+        self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
+    ) -> tuple[argparse.Namespace, list[str]]:
+        ns = namespace if namespace is not None else argparse.Namespace()
+        ns.func = self.refuse
+        return ns, []
+
+    def refuse(self, args: argparse.Namespace) -> int:
+        print(f"{self.prog}: {self.message}", file=sys.stderr)
+        return 2
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -59,6 +59,7 @@ __all__ = [
     "load_manifest",
     "make_dynamic",
     "model_file",
+    "packaged_models_dir",
     "register_cli",
     "verify",
 ]
@@ -70,7 +71,8 @@ ROLES = ("detector", "gender", "age", "backbone")
 ORIGINS = ("release", "project")
 TRANSFORMS = ("dynamic-shapes", "dlib-to-onnx")
 ARCHIVE_FORMATS = ("wheel", "sdist")
-_REPO_MODELS_DIR = Path(__file__).resolve().parents[1] / "models"
+_REPO_MODELS_DIR = Path(__file__).resolve().parents[1] / "models"  # a checkout: the manifest, project models, fetched weights
+_PACKAGED_MODELS_DIR = Path(__file__).resolve().parent / "_models"  # what a wheel carries of it (a link to ../models here)
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _RELEASE = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._-]*)==([0-9A-Za-z][0-9A-Za-z.+!_-]*)$")
 _NAME = re.compile(r"^[a-z0-9][a-z0-9._-]*$")
@@ -177,10 +179,28 @@ class ModelStatus:
 # --------------------------------------------------------------------------------------- paths
 
 
+def _in_checkout() -> bool:
+    return (_REPO_MODELS_DIR / MANIFEST_NAME).is_file() and (_REPO_MODELS_DIR.parent / "pyproject.toml").is_file()
+
+
+def packaged_models_dir() -> Path:
+    """The folder of the reference manifest and the project's own models: the repository's
+    ``models/`` in a checkout, else their copy inside the installed package (read-only)."""
+    return _REPO_MODELS_DIR if _in_checkout() else _PACKAGED_MODELS_DIR
+
+
 def default_models_dir() -> Path:
-    """``$FORENSIC_GENDER_MODELS`` if set, else the repository's ``models/``."""
+    """``$FORENSIC_GENDER_MODELS`` if set; else the repository's ``models/`` in a checkout; else
+    (an installed package, whose own folder may be read-only and is replaced by an upgrade)
+    ``$XDG_DATA_HOME/forensic-gender/models``, by default ``~/.local/share/forensic-gender/models``."""
     env = os.environ.get(ENV_MODELS_DIR)
-    return Path(env).expanduser() if env else _REPO_MODELS_DIR
+    if env:
+        return Path(env).expanduser()
+    if _in_checkout():
+        return _REPO_MODELS_DIR
+    data = os.environ.get("XDG_DATA_HOME", "")
+    base = Path(data) if os.path.isabs(data) else Path.home() / ".local" / "share"
+    return base / "forensic-gender" / "models"
 
 
 def _file_path(models_dir: Path, manifest: Manifest, spec: ModelSpec, filename: str) -> Path:
@@ -459,15 +479,16 @@ def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 
 
 def load_manifest(models_dir: Path | None = None) -> Manifest:
-    """Read and validate ``<models_dir>/manifest.json`` (else the repository's); errors name key paths."""
+    """Read and validate ``<models_dir>/manifest.json`` (else the packaged one, see
+    :func:`packaged_models_dir`); errors name key paths."""
     base = Path(models_dir) if models_dir is not None else default_models_dir()
     path = base / MANIFEST_NAME
     if not path.is_file():
-        path = _REPO_MODELS_DIR / MANIFEST_NAME
+        path = packaged_models_dir() / MANIFEST_NAME
     try:
         doc = json.loads(path.read_text(encoding="utf-8"), object_pairs_hook=_no_duplicate_keys)
     except FileNotFoundError:
-        raise ModelError(f"no {MANIFEST_NAME} in {base} nor in {_REPO_MODELS_DIR}; "
+        raise ModelError(f"no {MANIFEST_NAME} in {base} nor in {packaged_models_dir()}; "
                          f"copy the repository's models/{MANIFEST_NAME} into {base}") from None
     except (OSError, UnicodeDecodeError, ValueError) as err:
         raise ModelError(f"manifest {path} could not be read as JSON: {err}; "
@@ -1041,7 +1062,8 @@ def register_cli(subparsers: Any) -> None:
     sub = parser.add_subparsers(dest="models_command", required=True, metavar="{fetch,verify,list}")
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--dir", type=Path, default=None, metavar="DIR",
-                        help=f"models directory (default: ${ENV_MODELS_DIR}, else the repository's models/)")
+                        help=f"models directory (default: ${ENV_MODELS_DIR}, else the repository's models/ in a "
+                             "checkout, else $XDG_DATA_HOME/forensic-gender/models, by default under ~/.local/share)")
     p = sub.add_parser("fetch", parents=[common], help="download the models named in the manifest")
     p.add_argument("names", nargs="*", metavar="NAME", help="only these models (default: all)")
     p.add_argument("--from-wheels", type=Path, metavar="WHEELS", dest="from_wheels",

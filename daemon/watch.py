@@ -7,8 +7,8 @@ This is the only module that imports watchdog. Events are *hints*: the database 
 - the watchdog handler only turns an event into a small :class:`Change` and appends it to a
   bounded in-memory queue; it never raises (an exception escaping a handler silently stops the
   observer thread), and when the queue is full it drops the event and asks for a rescan;
-- an inotify queue overflow (watchdog only logs it) is caught from watchdog's log records and
-  turned into a ``rescan`` change with reason ``overflow``;
+- an inotify queue overflow (watchdog's ``EventsLostEvent`` for the root, once it has repaired
+  its watches) is turned into a ``rescan`` change of that root with reason ``overflow``;
 - running out of inotify watches is detected (an error when scheduling, or a probe watch that
   fails with ENOSPC right after scheduling: watchdog silently skips sub-folders it cannot watch)
   and the root falls back to polling with a message that names ``fs.inotify.max_user_watches``;
@@ -28,13 +28,14 @@ import logging
 import os
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 from watchdog.events import (
     DirDeletedEvent,
     DirMovedEvent,
+    EventsLostEvent,
     FileAttribEvent,
     FileClosedEvent,
     FileCreatedEvent,
@@ -55,8 +56,9 @@ log = logging.getLogger(__name__)
 
 # What the observers report. Opens and read-only closes (our own workers reading evidence) are
 # not even requested from the kernel: they would only add load and overflow the queue sooner.
+# EventsLostEvent (a queue overflow) reaches a watch with a filter only if the filter names it.
 EVENT_FILTER = [FileCreatedEvent, FileModifiedEvent, FileClosedEvent, FileAttribEvent, FileDeletedEvent,
-                FileMovedEvent, DirDeletedEvent, DirMovedEvent]
+                FileMovedEvent, DirDeletedEvent, DirMovedEvent, EventsLostEvent]
 
 MAX_QUEUED_CHANGES = 200_000  # beyond this the handler drops events and asks for a rescan
 WATCHES_SYSCTL = "fs.inotify.max_user_watches"
@@ -211,24 +213,6 @@ class _Handler(FileSystemEventHandler):
             self.watcher._handler_failed(self.root)
 
 
-class _OverflowLogHandler(logging.Handler):
-    """watchdog only *logs* an inotify queue overflow; turn those records into rescans."""
-
-    def __init__(self, watcher: Watcher) -> None:
-        super().__init__(logging.WARNING)
-        self.watcher = watcher
-
-    def emit(self, record: logging.LogRecord) -> None:
-        try:
-            if "overflow" in record.getMessage().lower():
-                self.watcher._overflowed()
-        except Exception:  # noqa: BLE001 - a log handler must not raise either
-            pass
-
-
-_OVERFLOW_LOGGERS = ("watchdog.observers.inotify_c", "watchdog.observers.inotify")
-
-
 # --------------------------------------------------------------------------------------------
 # inotify limits
 
@@ -331,10 +315,9 @@ class Watcher:
         self.roots: dict[str, RootWatch] = {}
         self._queue: deque[Change] = deque()
         self._lock = threading.Lock()  # guards the flags below (set from observer threads)
-        self._overflows = 0
+        self._overflows: Counter[str] = Counter()  # root -> queue overflows not yet turned into rescans
         self._dropped: set[str] = set()
         self._handler_errors: dict[str, int] = {}
-        self._log_handler = _OverflowLogHandler(self)
         self._started = False
         self._pending_roots = list(roots)
         self.overflow_count = 0
@@ -342,11 +325,6 @@ class Watcher:
     # -- lifecycle ------------------------------------------------------------------------------
 
     def start(self) -> None:
-        for name in _OVERFLOW_LOGGERS:
-            lg = logging.getLogger(name)
-            lg.addHandler(self._log_handler)
-            if not lg.isEnabledFor(logging.WARNING):
-                lg.setLevel(logging.WARNING)
         self._started = True
         roots, self._pending_roots = self._pending_roots, []
         for r in roots:
@@ -355,8 +333,6 @@ class Watcher:
     def stop(self) -> None:
         for rw in self.roots.values():
             self._stop_observer(rw)
-        for name in _OVERFLOW_LOGGERS:
-            logging.getLogger(name).removeHandler(self._log_handler)
         self._started = False
 
     def update(self, roots: Sequence[RootConfig]) -> tuple[list[str], list[str]]:
@@ -488,6 +464,10 @@ class Watcher:
     # -- the queue ------------------------------------------------------------------------------
 
     def _enqueue(self, root: str, event: FileSystemEvent) -> None:
+        if isinstance(event, EventsLostEvent):  # the kernel queue overflowed: events of this root were lost
+            with self._lock:
+                self._overflows[root] += 1
+            return
         if len(self._queue) >= self.max_queued:
             with self._lock:
                 self._dropped.add(root)
@@ -511,24 +491,21 @@ class Watcher:
         except Exception:  # noqa: BLE001
             pass
 
-    def _overflowed(self) -> None:
-        with self._lock:
-            self._overflows += 1
-
     def changes(self, limit: int = 5000) -> list[Change]:
         """Take up to ``limit`` queued changes (rescan requests first)."""
         out: list[Change] = []
         with self._lock:
-            overflows, self._overflows = self._overflows, 0
+            overflows, self._overflows = self._overflows, Counter()
             dropped, self._dropped = self._dropped, set()
         if overflows:
-            self.overflow_count += overflows
+            self.overflow_count += sum(overflows.values())
             lim = inotify_limits()[QUEUE_SYSCTL]
-            for rw in self.roots.values():
-                if rw.mode == "inotify":
-                    out.append(Change("rescan", rw.path, rw.path, reason="overflow",
-                                      detail=f"the inotify event queue overflowed {overflows} time(s) and events were lost; a larger queue"
-                                             f" ({QUEUE_SYSCTL}, now {lim}, read when the watch starts) means fewer rescans"))
+            for root, n in overflows.items():
+                if root not in self.roots:  # removed by a reload since
+                    continue
+                out.append(Change("rescan", root, root, reason="overflow",
+                                  detail=f"the inotify event queue overflowed {n} time(s) and events were lost; a larger queue"
+                                         f" ({QUEUE_SYSCTL}, now {lim}, read when the watch starts) means fewer rescans"))
         for root in dropped:
             out.append(Change("rescan", root, root, reason="queue_full",
                               detail=f"more than {self.max_queued} changes were waiting; events were dropped"))

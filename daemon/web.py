@@ -57,19 +57,14 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import parse_qs, urlencode
 
 import cv2
 import numpy as np
-from jinja2 import Environment, FileSystemLoader, select_autoescape
 from sqlalchemy import Connection, select
 from sqlalchemy import exc as sa_exc
 from sqlalchemy import text as sql_text
-from starlette.applications import Starlette
-from starlette.concurrency import run_in_threadpool
-from starlette.requests import Request
-from starlette.responses import HTMLResponse, PlainTextResponse, RedirectResponse, Response
-from starlette.routing import Route
 
 from daemon import __version__
 from daemon.config import Config
@@ -80,6 +75,14 @@ from daemon.render import COLOURS, crop, draw_faces, encode
 from daemon.store import reviews as rv
 from daemon.store import schema as s
 from daemon.store.engine import open_engine, open_store_engine
+
+# starlette and jinja2 (the `web` extra) are imported where the app is built or answers, so that
+# `register_cli` works without them and `serve` can say which extra to install.
+if TYPE_CHECKING:
+    from jinja2 import Environment
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import HTMLResponse, PlainTextResponse, Response
 
 log = logging.getLogger(__name__)
 
@@ -245,6 +248,8 @@ def _resize(bgr: np.ndarray, side: int) -> np.ndarray:
 
 
 def _img(data: bytes, *, download: str | None = None) -> Response:
+    from starlette.responses import Response
+
     headers = {"Content-Disposition": f'attachment; filename="{download}"'} if download else {}
     return Response(data, media_type="image/jpeg", headers=headers)
 
@@ -264,6 +269,8 @@ def _media_error(err: media.MediaError) -> PlainTextResponse:
     """A changed file is a 409 (the database and the evidence disagree), anything else a 404;
     the body starts with ``image not available (REASON)`` and says what happened. The paths
     tried go to the log, not to the response."""
+    from starlette.responses import PlainTextResponse
+
     status, why = MEDIA_REFUSALS.get(err.reason, (404, err.reason))
     log.info("image not shown (%s): %s", err.reason, err.message)
     return PlainTextResponse(f"image not available ({err.reason}): {why}", status)
@@ -296,6 +303,12 @@ def _int_param(value: int, what: str) -> int:
 def create_app(cfg: Config, *, review: bool = True, hosts: tuple[str, ...] = ("127.0.0.1", "localhost"), port: int | None = None) -> Starlette:
     """The review application for ``cfg.database``. ``hosts``: the host names a request's
     ``Host`` header may name; ``port``: the port it must name (None: any)."""
+    from jinja2 import Environment, FileSystemLoader, select_autoescape
+    from starlette.applications import Starlette
+    from starlette.concurrency import run_in_threadpool
+    from starlette.responses import HTMLResponse, PlainTextResponse, RedirectResponse
+    from starlette.routing import Route
+
     g = cfg.pipeline.gender
     env = Environment(loader=FileSystemLoader(str(TEMPLATES)), autoescape=select_autoescape(("html",)), trim_blocks=True, lstrip_blocks=True)
     env.filters["show"] = show
@@ -544,24 +557,9 @@ def create_app(cfg: Config, *, review: bool = True, hosts: tuple[str, ...] = ("1
             face_id = _int_param(request.path_params["face_id"], "face id")
         except flt.FilterError as err:
             return PlainTextResponse("; ".join(err.problems), 400)
-        why = _cross_site(request, st)
-        if why:
-            log.warning("review refused: %s", why)
-            return PlainTextResponse(f"refused: {why}", 403)
-        if request.headers.get("content-type", "").split(";")[0].strip() != "application/x-www-form-urlencoded":
-            return PlainTextResponse("refused: the review form must be posted as application/x-www-form-urlencoded", 415)
-        body = b""
-        async for chunk in request.stream():
-            body += chunk
-            if len(body) > MAX_FORM_BYTES:
-                return PlainTextResponse(f"refused: the form must be at most {MAX_FORM_BYTES} bytes", 413)
-        try:
-            fields = parse_qs(body.decode("utf-8", "replace"), keep_blank_values=True, max_num_fields=MAX_FORM_FIELDS)
-        except ValueError:
-            return PlainTextResponse(f"refused: the form must have at most {MAX_FORM_FIELDS} fields", 400)
-        form = {k: v[0] for k, v in fields.items()}
-        if not hmac.compare_digest(form.get("csrf", "").encode("utf-8", "replace"), st.token.encode("ascii")):
-            return PlainTextResponse("refused: missing or stale form token; reload the page and submit again", 403)
+        form = await read_form(request, st, "review")
+        if isinstance(form, tuple):
+            return PlainTextResponse(form[1], form[0])
         review = rv.Review(status=form.get("status", ""), label=form.get("label") or None, note=form.get("note") or None,
                            reviewer=form.get("reviewer") or None, origin="web")
 
@@ -643,6 +641,30 @@ def host_allowed(host: str, names: frozenset[str], port: int | None) -> bool:
     return port is None or int(m.group(2) or 80) == port
 
 
+async def read_form(request: Request, st: _State, what: str) -> dict[str, str] | tuple[int, str]:
+    """A posted form (first value per field), or ``(status, refusal)``: cross-site (403), not a
+    urlencoded form (415), too large (413), too many fields (400), missing or stale CSRF token (403)."""
+    why = _cross_site(request, st)
+    if why:
+        log.warning("%s refused: %s", what, why)
+        return 403, f"refused: {why}"
+    if request.headers.get("content-type", "").split(";")[0].strip() != "application/x-www-form-urlencoded":
+        return 415, f"refused: the {what} form must be posted as application/x-www-form-urlencoded"
+    body = b""
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > MAX_FORM_BYTES:
+            return 413, f"refused: the form must be at most {MAX_FORM_BYTES} bytes"
+    try:
+        fields = parse_qs(body.decode("utf-8", "replace"), keep_blank_values=True, max_num_fields=MAX_FORM_FIELDS)
+    except ValueError:
+        return 400, f"refused: the form must have at most {MAX_FORM_FIELDS} fields"
+    form = {k: v[0] for k, v in fields.items()}
+    if not hmac.compare_digest(form.get("csrf", "").encode("utf-8", "replace"), st.token.encode("ascii")):
+        return 403, "refused: missing or stale form token; reload the page and submit again"
+    return form
+
+
 def _cross_site(request: Request, st: _State) -> str | None:
     """Why a state-changing request looks cross-site, or None."""
     site = request.headers.get("sec-fetch-site")
@@ -671,6 +693,8 @@ class _Guard:
             self.st.writer.dispose()
 
     async def __call__(self, scope, receive, send) -> None:  # noqa: ANN001
+        from starlette.responses import PlainTextResponse
+
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return

@@ -17,7 +17,6 @@ import pytest
 from daemon.config import RootConfig
 from daemon.discovery import Filter
 from daemon.watch import Change, RootWatch, StabilityTracker, Watcher, filtered, under
-
 from tests.conftest import tree_manifest
 
 QUEUE_SYSCTL = Path("/proc/sys/fs/inotify/max_queued_events")
@@ -304,6 +303,29 @@ def test_inotify_overflow_is_detected(watched) -> None:  # noqa: ANN001
     got = wait_changes(w, has("rescan", reason="overflow"), what="an overflow notice")
     assert w.overflow_count >= 1
     assert "max_queued_events" in next(c.detail for c in got if c.reason == "overflow")
+
+
+def test_lost_events_rescan_their_root_only(tmp_path: Path) -> None:
+    """watchdog's EventsLostEvent (what it emits for an inotify overflow) reaches the handler and
+    becomes one overflow rescan of the root it was lost under, counted, even with a full queue."""
+    from watchdog.events import EventsLostEvent
+
+    from daemon.watch import _Handler
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir()
+    b.mkdir()
+    w = Watcher([RootConfig(path=str(a)), RootConfig(path=str(b))], max_queued=0)
+    w.start()
+    try:
+        for _ in range(2):
+            _Handler(w, str(a)).dispatch(EventsLostEvent(str(a), is_directory=True))
+        got = w.changes()
+        assert [(c.kind, c.root, c.reason) for c in got] == [("rescan", str(a), "overflow")]
+        assert "overflowed 2 time(s)" in (got[0].detail or "") and w.overflow_count == 2
+        assert w.changes() == []
+    finally:
+        w.stop()
 
 
 def test_queue_limit_turns_into_a_rescan(tmp_path: Path) -> None:
