@@ -37,6 +37,7 @@ test: setup lint
 
 eval: setup
 	$(FG) evaluate $(DEV)/lfw $(DEV)/utkface $(DEV)/wider $(DEV)/fairface --out reports/eval --skip-missing
+	$(FG) evaluate-identity $(DEV)/lfw --out reports/eval/identity.json
 
 bench: setup
 	$(BIN)/python benchmarks/bench.py

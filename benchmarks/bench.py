@@ -304,6 +304,8 @@ VARIANTS = {
     "lean": {"pipeline": {"gender": {"flip_tta": False}, "age": {"enabled": False}}},
     # the scan before the face backbone (issue 19): no descriptor, gender from pixels
     "no_backbone": {"pipeline": {"gender": {"model": "gender-wild-v1", "kind": "project-chip"}, "backbone": {"enabled": False}}},
+    # the descriptor of the face alone, without its mirror image (issue 13: one backbone pass per face)
+    "no_flip": {"pipeline": {"backbone": {"flip": False}}},
 }
 VARIANT_ENV = "FORENSIC_GENDER_BENCH_VARIANT"
 

@@ -30,24 +30,10 @@ DEV = REPO.parent / "shared" / "data" / "dev" / "lfw"
 
 
 def product_descriptors(folder: Path, files: list[str]) -> dict[str, np.ndarray]:
-    from daemon import metrics
-    from daemon.config import PipelineConfig
-    from daemon.pipeline.analyze import load_pipeline
-    from daemon.pipeline.images import ImageError
+    from daemon.identity_eval import centre_descriptors
 
-    pipe = load_pipeline(PipelineConfig())
-    out = {}
-    for f in files:
-        try:
-            res = pipe.analyze_file(folder / "images" / f)
-        except ImageError:
-            continue
-        if not res.faces:
-            continue
-        i = metrics.match_centre(np.array([fc.box for fc in res.faces], np.float32), res.width, res.height)
-        if i >= 0 and res.faces[i].descriptor:
-            out[f] = np.frombuffer(res.faces[i].descriptor, "<f2").astype(np.float32)
-    return out
+    x = centre_descriptors(folder, files)
+    return {f: v for f, v in zip(files, x, strict=True) if not np.isnan(v[0])}
 
 
 def pairs(person: dict[str, str], files: list[str], seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

@@ -23,7 +23,7 @@ log = logging.getLogger("daemon")
 # without that extra (the module imports it lazily): when the extra is missing, its commands are
 # stubs that say what to install. A module not present in a checkout is skipped.
 PLUGINS: dict[str, str | None] = {"daemon.models": None, "daemon.evaluate": None, "daemon.service": None, "daemon.queries.cli": None,
-                                  "daemon.web": "web"}
+                                  "daemon.persons_cli": None, "daemon.web": "web"}
 # What each extra of pyproject.toml's [project.optional-dependencies] that PLUGINS names installs (import names).
 EXTRAS: dict[str, tuple[str, ...]] = {"web": ("starlette", "jinja2", "uvicorn")}
 

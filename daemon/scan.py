@@ -88,7 +88,7 @@ def scan(paths: Sequence[str], cfg: Config, *, workers: int = 0, progress: Calla
     t0 = time.perf_counter()
     summary = ScanSummary()
     engine = open_store_engine(cfg.database)
-    store = Store(engine, cfg.host_id)
+    store = Store(engine, cfg.host_id, cfg.identity)
     prefixes: list[str] = []
     for p in paths:
         ap = os.path.abspath(p)

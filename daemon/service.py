@@ -330,7 +330,7 @@ class Service:
             self.lock = InstanceLock(dbp)
             self.lock.acquire()
         self.engine = open_store_engine(cfg.database)
-        self.store = Store(self.engine, cfg.host_id)
+        self.store = Store(self.engine, cfg.host_id, cfg.identity)
         n = self.store.recover_leases()
         if n:
             log.warning("%d file(s) were in flight when the service last stopped without releasing them; queued again", n)

@@ -609,6 +609,9 @@ def create_app(cfg: Config, *, review: bool = True, hosts: tuple[str, ...] = ("1
     ]
     if review:
         routes.append(Route("/faces/{face_id:int}/review", post_review, methods=["POST"]))
+    from daemon.web_persons import persons_routes
+
+    routes += persons_routes(st, render=render, error=error, db=db, review=review)
     app = Starlette(routes=routes, exception_handlers={_Busy: busy, sa_exc.OperationalError: database_error,
                                                        sa_exc.DBAPIError: database_error})
     app.state.fg = st

@@ -170,6 +170,15 @@ class Backbone:
         x = classify.normalize(chips, self.spec.means_rgb, self.spec.scale)
         return dict(zip(self.outputs, self.session.run({self.spec.input_name: x}), strict=True))
 
+    def run_both(self, bgr: np.ndarray, dets: detect.Detections) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+        """:meth:`run` for the chips and their mirror images in one batched pass."""
+        chips = align.align_faces(bgr, dets.landmarks, self.spec.size, padding=self.spec.padding)
+        x = classify.normalize(np.concatenate([chips, chips[:, :, ::-1]]), self.spec.means_rgb, self.spec.scale)
+        n = len(chips)
+        outs = self.session.run({self.spec.input_name: x})
+        return ({k: v[:n] for k, v in zip(self.outputs, outs, strict=True)},
+                {k: v[n:] for k, v in zip(self.outputs, outs, strict=True)})
+
 
 class Head:
     """A gender model that reads a backbone tensor instead of pixels (``[female, male]`` out,
@@ -231,12 +240,19 @@ class Pipeline:
         t1 = time.perf_counter()
         if not len(dets):
             return [], {"detect": t1 - t0, "classify": 0.0}
-        feats = self.backbone.run(bgr, dets) if self.backbone is not None else None
+        feats = mirrored = descriptors = None
+        if self.backbone is not None:
+            if self.cfg.backbone.flip or (isinstance(self.gender, Head) and self.gender.flip_tta):
+                feats, mirrored = self.backbone.run_both(bgr, dets)
+            else:
+                feats = self.backbone.run(bgr, dets)
+            descriptors = feats["descriptor"]
+            if self.cfg.backbone.flip:  # the mean of the face's and its mirror image's descriptors
+                descriptors = (descriptors + mirrored["descriptor"]) / 2  # type: ignore[index]
         chips = None
         if isinstance(self.gender, Head):
             assert feats is not None and self.backbone is not None  # load_pipeline guarantees it
-            flipped = self.backbone.run(bgr, dets, flip=True) if self.gender.flip_tta else None
-            pg = self.gender.probabilities(feats, flipped)
+            pg = self.gender.probabilities(feats, mirrored if self.gender.flip_tta else None)
         else:
             chips = self.gender.chips(bgr, dets)
             pg = self.gender.probabilities(chips)
@@ -256,7 +272,7 @@ class Pipeline:
                 landmarks=tuple((float(x), float(y)) for x, y in full.landmarks[i]),
                 width_px=b[2] - b[0], p_male=float(pg[i, 1]), p_female=float(pg[i, 0]), gender=labels[i],
                 age=None if ages is None else float(ages[i]), age_std=None if stds is None else float(stds[i]),
-                descriptor=None if feats is None else feats["descriptor"][i].astype("<f2").tobytes(),
+                descriptor=None if descriptors is None else descriptors[i].astype("<f2").tobytes(),
             ))
         return faces, {"detect": t1 - t0, "classify": t2 - t1}
 
@@ -327,7 +343,8 @@ def load_pipeline(cfg: PipelineConfig, *, threads: int = 1) -> Pipeline:
         "gender": {"model": Path(g.model).name, "kind": g.kind, "flip_tta": g.flip_tta, "template": align.TEMPLATE.round(4).tolist()},
     }
     if backbone is not None:
-        bundle["backbone"] = {"model": cfg.backbone.model, "size": backbone.spec.size, "padding": backbone.spec.padding}
+        bundle["backbone"] = {"model": cfg.backbone.model, "size": backbone.spec.size, "padding": backbone.spec.padding,
+                              "flip": cfg.backbone.flip}
     return Pipeline(cfg, det, gender, age, bundle, backbone)
 
 

@@ -42,7 +42,7 @@ FORMAT_VERSION = 1
 FACE_COLUMNS = (
     "face_id", "sha256", "md5", "path", "root", "seen", "state", "idx", "x1", "y1", "x2", "y2", "width_px", "score",
     "p_male", "p_female", "gender", "model_gender", "age", "age_std", "bundle", "analysed", "image_width", "image_height",
-    "review", "review_label", "review_note", "reviewer", "reviewed", "final_gender",
+    "review", "review_label", "review_note", "reviewer", "reviewed", "final_gender", "person_id", "person_name",
 )
 IMAGE_COLUMNS = (
     "sha256", "md5", "size", "format", "width", "height", "status", "reason", "faces", "female", "male", "uncertain",

@@ -25,6 +25,7 @@ from sqlalchemy.sql.elements import ColumnElement
 
 from daemon.queries.filters import (ADULT_AGE, FACE_SORTS, IMAGE_SORTS, Cut, FilterError, Filters, check_cut, cursor_text, cursor_values,
                                     glob_match, glob_to_pg_regex)
+from daemon.store import persons as ps
 from daemon.store import reviews as rv
 from daemon.store import schema as s
 
@@ -41,6 +42,7 @@ class Scope:
     reviews: bool
     bundle: str | None
     dialect: str = "sqlite"
+    persons: bool = True  # whether the persons tables exist (schema version 6)
 
 
 def scope(conn: Connection, f: Filters, default_cut: Cut = Cut()) -> Scope:
@@ -55,7 +57,7 @@ def scope(conn: Connection, f: Filters, default_cut: Cut = Cut()) -> Scope:
         conn.execute(text("SET LOCAL jit = off"))
     elif conn.dialect.name == "sqlite":
         register_functions(conn)
-    return Scope(cut, rv.has_reviews(conn), resolve_bundle(conn, f.bundle), conn.dialect.name)
+    return Scope(cut, rv.has_reviews(conn), resolve_bundle(conn, f.bundle), conn.dialect.name, ps.has_persons(conn))
 
 
 def register_functions(conn: Connection) -> None:
@@ -430,6 +432,13 @@ class _FaceQuery:
         else:
             cols += [literal(None).label(n) for n in ("review", "review_label", "review_note", "reviewer", "reviewed", "review_id")]
             cols.append(self.D.label("final_gender"))
+        if self.sc.persons:  # the face's person: a lookup per row by primary key
+            fp, p = ps.face_persons, ps.persons
+            cols += [select(fp.c.person_id).where(fp.c.face_id == F.c.id).scalar_subquery().label("person_id"),
+                     select(p.c.name).select_from(fp.join(p, p.c.id == fp.c.person_id)).where(fp.c.face_id == F.c.id)
+                     .scalar_subquery().label("person_name")]
+        else:
+            cols += [literal(None).label("person_id"), literal(None).label("person_name")]
         return cols
 
     def keys(self) -> list[_Key]:
@@ -787,7 +796,7 @@ def image_detail(conn: Connection, image_id: int, sc: Scope) -> dict:
     ps = paths_of(conn, [image_id])[image_id]
     analyses = [dict(r._mapping) for r in conn.execute(
         select(A, B.c.spec).select_from(A.join(B, B.c.key == A.c.bundle)).where(A.c.image_id == image_id).order_by(A.c.id))]
-    all_faces = list(faces(conn, Filters(sha256=(im["sha256"],), bundle="all", sort="sha256"), Scope(sc.cut, sc.reviews, "all", sc.dialect)))
+    all_faces = list(faces(conn, Filters(sha256=(im["sha256"],), bundle="all", sort="sha256"), replace(sc, bundle="all")))
     by_analysis: dict[int, list[dict]] = {}
     for fr in all_faces:
         by_analysis.setdefault(fr["analysis_id"], []).append(fr)
@@ -813,7 +822,7 @@ def image_detail(conn: Connection, image_id: int, sc: Scope) -> dict:
 def face(conn: Connection, face_id: int, sc: Scope) -> dict | None:
     """One face row (whatever its bundle) with its image's facts."""
     f = Filters(bundle="all", sort="id")
-    q = _FaceQuery(f, Scope(sc.cut, sc.reviews, "all", sc.dialect), correlated=True)
+    q = _FaceQuery(f, replace(sc, bundle="all"), correlated=True)
     row = conn.execute(select(*q.columns()).select_from(q.frm).where(*q.where, s.faces.c.id == face_id)).first()
     return dict(row._mapping) if row else None
 

@@ -58,8 +58,11 @@ def _face_line(f: dict) -> str:
         review = f"; review {f['review']}" + (f" as {f['review_label']}" if f.get("review_label") else "")
         review += f" by {f['reviewer']}" if f.get("reviewer") else ""
         review += f": {f['review_note']}" if f.get("review_note") else ""
+    person = ""
+    if f.get("person_id") is not None:
+        person = f"; person {f['person_id']}" + (f" ({f['person_name']})" if f.get("person_name") else "")
     return (f"face {f['idx']}: {f['gender']} p(male)={f['p_male']:.4f}{age} box {f['x1']:.0f},{f['y1']:.0f}-{f['x2']:.0f},{f['y2']:.0f}"
-            f" ({f['width_px']:.0f} px) score {f['score']:.3f}{review}")
+            f" ({f['width_px']:.0f} px) score {f['score']:.3f}{person}{review}")
 
 
 def tags(faces: Sequence[dict], minor_k: float = 1.0) -> str:

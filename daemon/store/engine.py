@@ -168,8 +168,14 @@ def _v3_sort_indexes(conn: Connection) -> None:
 
 
 # Each migration runs in its own transaction; index i brings the schema to version i + 1.
+def _v6_persons(conn: Connection) -> None:
+    from daemon.store.persons import migrate_v6
+
+    migrate_v6(conn)
+
+
 MIGRATIONS: list[Callable[[Connection], None]] = [_v1, _v2_reviews, _v3_sort_indexes, schema.migrate_v4,
-                                                   schema.migrate_v5]
+                                                   schema.migrate_v5, _v6_persons]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 

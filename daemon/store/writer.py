@@ -21,8 +21,10 @@ from dataclasses import dataclass, field
 from sqlalchemy import Connection, Engine, and_, func, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 
+from daemon.config import IdentityConfig
 from daemon.paths import from_db, to_db
 from daemon.store import schema as s
+from daemon.store.persons import Placer
 
 log = logging.getLogger(__name__)
 
@@ -79,8 +81,12 @@ def _insert(conn: Connection, table):  # noqa: ANN001, ANN202
 class Store:
     """The single writer's API over an engine whose schema is migrated."""
 
-    def __init__(self, engine: Engine, host: str) -> None:
+    def __init__(self, engine: Engine, host: str, identity: IdentityConfig | None = None) -> None:
+        """``identity``: how new faces are placed into persons (default settings when None;
+        ``enabled: false`` leaves them unplaced until ``recluster``)."""
         self.engine, self.host = engine, host
+        cfg = identity or IdentityConfig()
+        self.placer = Placer(cfg) if cfg.enabled else None
 
     # -- discovery ---------------------------------------------------------------------------
 
@@ -274,8 +280,21 @@ class Store:
                 aid = row[0]
                 if result.faces:
                     conn.execute(s.faces.insert(), [_face_row(aid, i, fc) for i, fc in enumerate(result.faces)])
+                    if self.placer is not None:
+                        self._place(conn, aid, image_id, result.sha256)
             self._finish(conn, file_id, "done", image_id=image_id, size=result.size, mtime_ns=result.mtime_ns)
         return True
+
+    def _place(self, conn: Connection, analysis_id: int, image_id: int, sha256: str) -> None:
+        """Place the new faces into persons; a failure there never costs the analysis (the faces
+        stay unplaced until ``recluster``)."""
+        assert self.placer is not None
+        try:
+            with conn.begin_nested():
+                self.placer.place(conn, analysis_id, image_id, sha256)
+        except Exception:
+            log.exception("placing the faces of analysis %d into persons failed; `forensic-gender recluster` places them", analysis_id)
+            self.placer.generation = -1  # reload from the database next time
 
     def record_link(self, file_id: int, sha256: str, md5: str, size: int, mtime_ns: int) -> bool:
         """A file whose content is already analysed under the current bundle."""
