@@ -291,15 +291,21 @@ def test_inotify_overflow_is_detected(watched) -> None:  # noqa: ANN001
     root, make = watched
     try:
         old = QUEUE_SYSCTL.read_text()
-        QUEUE_SYSCTL.write_text("64")
+        QUEUE_SYSCTL.write_text("16")
     except OSError as err:
         pytest.skip(f"cannot lower fs.inotify.max_queued_events ({err}); run as root to test overflows")
     try:
-        w = make()  # the inotify instance takes the queue size when it is created
+        # the inotify instance takes the queue size when it is created, which may happen after
+        # start() returns: keep the small size until an event shows that the watch is live
+        w = make()
+        (root / "probe.jpg").write_bytes(b"x")
+        wait_changes(w, has("changed", str(root / "probe.jpg")), what="the watch to start")
     finally:
         QUEUE_SYSCTL.write_text(old)
-    for i in range(3000):
-        (root / f"f{i:05d}.jpg").write_bytes(b"x")
+    # bursts at C speed from four other processes (coreutils' touch), so that the watcher's
+    # reader thread cannot keep up with a 16-event queue: the kernel drops events
+    bursts = [subprocess.Popen(["touch", *(f"f{k}{i:05d}.jpg" for i in range(3000))], cwd=root) for k in range(4)]
+    assert all(p.wait(timeout=60) == 0 for p in bursts)
     got = wait_changes(w, has("rescan", reason="overflow"), what="an overflow notice")
     assert w.overflow_count >= 1
     assert "max_queued_events" in next(c.detail for c in got if c.reason == "overflow")
