@@ -14,6 +14,7 @@ from collections.abc import Sequence
 
 from daemon import __version__
 from daemon import config as config_mod
+from daemon.cliargs import add_config_args, load_config
 from daemon.paths import show, to_db
 
 log = logging.getLogger("daemon")
@@ -23,7 +24,7 @@ log = logging.getLogger("daemon")
 # without that extra (the module imports it lazily): when the extra is missing, its commands are
 # stubs that say what to install. A module not present in a checkout is skipped.
 PLUGINS: dict[str, str | None] = {"daemon.models": None, "daemon.evaluate": None, "daemon.service": None, "daemon.queries.cli": None,
-                                  "daemon.persons_cli": None, "daemon.web": "web"}
+                                  "daemon.persons_cli": None, "daemon.near_cli": None, "daemon.web": "web"}
 # What each extra of pyproject.toml's [project.optional-dependencies] that PLUGINS names installs (import names).
 EXTRAS: dict[str, tuple[str, ...]] = {"web": ("starlette", "jinja2", "uvicorn")}
 
@@ -45,22 +46,6 @@ def setup_logging(level: str = "INFO") -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(_SafeFormatter(fmt))
     logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO), handlers=[handler], force=True)
-
-
-def add_config_args(p: argparse.ArgumentParser, *, db: bool = True) -> None:
-    p.add_argument("--config", metavar="FILE", help="YAML configuration (see config.example.yaml)")
-    if db:
-        p.add_argument("--db", metavar="URL", help="database URL (overrides the configuration), e.g. sqlite:///var/forensic-gender.db")
-
-
-def load_config(args: argparse.Namespace, *, check_paths: bool = True) -> config_mod.Config:
-    """The configuration named by ``--config`` (or defaults), with ``--db`` applied."""
-    cfg = config_mod.load(getattr(args, "config", None), check_paths=check_paths)
-    if getattr(args, "db", None):
-        from dataclasses import replace
-
-        cfg = replace(cfg, database=config_mod.parse({"database": args.db}, check_paths=False).database)
-    return cfg
 
 
 def _annotate_guard(inputs: list[str], cfg: config_mod.Config):  # noqa: ANN202

@@ -616,7 +616,7 @@ def evaluate(folders: Sequence[str | os.PathLike], cfg: Config, out: str | os.Pa
 
 def register_cli(subparsers: Any) -> None:
     """Add ``evaluate`` to the main CLI."""
-    from daemon.cli import add_config_args
+    from daemon.cliargs import add_config_args
 
     p = subparsers.add_parser(
         "evaluate", help="validate the pipeline on labelled folders (images/ + labels.csv) and write a report",
@@ -637,7 +637,7 @@ def register_cli(subparsers: Any) -> None:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from daemon import report as report_mod
-    from daemon.cli import load_config
+    from daemon.cliargs import load_config
 
     folders = list(args.folders)
     missing = [f for f in folders if not Path(f).exists()]

@@ -63,7 +63,7 @@ def _reviewer(args: argparse.Namespace) -> str | None:
 def cmd_similar(args: argparse.Namespace) -> int:
     from sqlalchemy import select
 
-    from daemon.cli import load_config
+    from daemon.cliargs import load_config
     from daemon.queries.similar import FaceIndex, default_cache, face_descriptor
     from daemon.store import persons as ps
     from daemon.store import schema as s
@@ -166,7 +166,7 @@ def _photo_descriptor(photo: str, cfg: Any, choice: int | None) -> tuple[Any, st
 
 
 def cmd_recluster(args: argparse.Namespace) -> int:
-    from daemon.cli import load_config
+    from daemon.cliargs import load_config
     from daemon.store.engine import open_store_engine
     from daemon.store.persons import recluster
 
@@ -184,7 +184,7 @@ def cmd_recluster(args: argparse.Namespace) -> int:
 
 
 def cmd_persons(args: argparse.Namespace) -> int:
-    from daemon.cli import load_config
+    from daemon.cliargs import load_config
     from daemon.store import persons as ps
     from daemon.store.engine import open_engine, open_store_engine
 
@@ -253,7 +253,7 @@ def _person_list(conn: Any, min_faces: int, limit: int) -> list[dict[str, Any]]:
 def cmd_evaluate_identity(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from daemon.cli import load_config
+    from daemon.cliargs import load_config
     from daemon.identity_eval import evaluate, format_report
 
     cfg = load_config(args)
@@ -266,7 +266,7 @@ def cmd_evaluate_identity(args: argparse.Namespace) -> int:
 
 
 def register_cli(sub: Any) -> None:
-    from daemon.cli import add_config_args
+    from daemon.cliargs import add_config_args
     from daemon.queries.similar import DEFAULT_DISTANCE
 
     p = sub.add_parser("similar", help="faces in the database like the face in a photo or a stored face, nearest first (read-only)")

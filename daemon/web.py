@@ -753,7 +753,7 @@ def listen(host: str, port: int) -> socket.socket:
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from daemon.cli import load_config
+    from daemon.cliargs import load_config
 
     if not is_loopback(args.host) and not args.allow_remote:
         print(f"forensic-gender serve: --host {show(args.host)} is not a loopback address; the page shows evidence and takes reviews. "
@@ -792,7 +792,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def register_cli(sub) -> None:  # noqa: ANN001
-    from daemon.cli import add_config_args
+    from daemon.cliargs import add_config_args
 
     p = sub.add_parser("serve", help="serve the local review page (loopback only unless --allow-remote)")
     add_config_args(p)

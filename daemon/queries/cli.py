@@ -213,7 +213,7 @@ class CliError(Exception):
 
 
 def _setup(args: argparse.Namespace, *, need_filters: bool = True):  # noqa: ANN202
-    from daemon.cli import load_config
+    from daemon.cliargs import load_config
     from daemon.queries import filters as flt
 
     cfg = load_config(args, check_paths=False)
@@ -784,7 +784,7 @@ def cmd_review(args: argparse.Namespace) -> int:
 
 
 def register_cli(sub) -> None:  # noqa: ANN001
-    from daemon.cli import add_config_args
+    from daemon.cliargs import add_config_args
     from daemon.queries.filters import add_filter_args
     from daemon.store.reviews import LABELS, STATUSES
 
