@@ -284,7 +284,7 @@ def test_migration_from_v5_adds_the_persons_tables(tmp_path: Path) -> None:
     eng = open_store_engine(url)
     with eng.connect() as c:
         assert {"persons", "face_persons", "person_decisions"} <= set(inspect(c).get_table_names())
-    assert SCHEMA_VERSION == len(MIGRATIONS) == 6
+    assert SCHEMA_VERSION == len(MIGRATIONS) >= 6
     eng.dispose()
 
 

@@ -20,7 +20,7 @@ import numpy as np
 
 from daemon import models as model_store
 from daemon.config import PipelineConfig
-from daemon.pipeline import align, classify, detect, images
+from daemon.pipeline import align, classify, detect, images, phash
 from daemon.pipeline.sessions import ModelLoadError, Session, check_probabilities
 
 log = logging.getLogger(__name__)
@@ -73,6 +73,7 @@ class ImageResult:
     notes: tuple[str, ...]
     faces: tuple[Face, ...]
     seconds: dict[str, float] = field(default_factory=dict)
+    near_hash: str | None = None  # perceptual hash of the decoded, upright image (daemon.pipeline.phash)
 
 
 @dataclass(frozen=True)
@@ -227,10 +228,13 @@ class Pipeline:
         t1 = time.perf_counter()
         faces, secs = self.analyze_array(dec.bgr, dec.scale)
         secs["read_decode"] = t1 - t0
+        t2 = time.perf_counter()
+        near = phash.near_hash(dec.bgr)
+        secs["near_hash"] = time.perf_counter() - t2
         return ImageResult(
             path=path, size=fb.size, sha256=fb.sha256, md5=fb.md5, mtime_ns=fb.mtime_ns,
             format=dec.format, width=dec.width, height=dec.height, orientation=dec.orientation,
-            frames=dec.frames, notes=tuple(dec.notes), faces=tuple(faces), seconds=secs,
+            frames=dec.frames, notes=tuple(dec.notes), faces=tuple(faces), seconds=secs, near_hash=near,
         )
 
     def analyze_array(self, bgr: np.ndarray, scale: float = 1.0) -> tuple[list[Face], dict[str, float]]:

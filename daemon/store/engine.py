@@ -174,8 +174,14 @@ def _v6_persons(conn: Connection) -> None:
     migrate_v6(conn)
 
 
+def _v7_near_copies(conn: Connection) -> None:
+    from daemon.store.nearcopies import migrate_v7
+
+    migrate_v7(conn)
+
+
 MIGRATIONS: list[Callable[[Connection], None]] = [_v1, _v2_reviews, _v3_sort_indexes, schema.migrate_v4,
-                                                   schema.migrate_v5, _v6_persons]
+                                                   schema.migrate_v5, _v6_persons, _v7_near_copies]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 

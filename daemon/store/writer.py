@@ -24,6 +24,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from daemon.config import IdentityConfig
 from daemon.paths import from_db, to_db
 from daemon.store import schema as s
+from daemon.store.nearcopies import store_hash
 from daemon.store.persons import Placer
 
 log = logging.getLogger(__name__)
@@ -271,6 +272,8 @@ class Store:
             info = {"format": result.format, "width": result.width, "height": result.height,
                     "orientation": result.orientation, "frames": result.frames, "notes": "; ".join(result.notes) or None}
             image_id = self._image_id(conn, result.sha256, result.md5, result.size, info)
+            if getattr(result, "near_hash", None) is not None:
+                store_hash(conn, image_id, result.near_hash)
             ins = _insert(conn, s.analyses).values(
                 image_id=image_id, bundle=bundle_key, faces=len(result.faces),
                 seconds=sum(result.seconds.values()), host=self.host, created=time.time(),
