@@ -11,12 +11,12 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-from sqlalchemy import inspect, select, text
+from sqlalchemy import select, text
 
 from daemon.pipeline import phash
 from daemon.pipeline.analyze import ImageResult
 from daemon.store import nearcopies as nc
-from daemon.store.engine import SCHEMA_VERSION, migrate, open_engine, open_store_engine
+from daemon.store.engine import open_engine, open_store_engine
 from daemon.store.writer import FileStat, Store
 
 FG = [sys.executable, "-m", "daemon.cli"]
@@ -118,30 +118,6 @@ def test_distance_out_of_range_is_refused(value: str) -> None:
 
 
 # -- the store -----------------------------------------------------------------------------------
-
-
-def test_migration_v7_adds_the_hash_to_an_older_database(db_url: str) -> None:
-    """A database made by schema version 6 gains ``images.near_hash`` (null for its images) and its index."""
-    from daemon.store import engine as eng_mod
-    from daemon.store import schema as s
-
-    eng = open_engine(db_url)
-    try:
-        with eng.begin() as conn:
-            for step in eng_mod.MIGRATIONS[:6]:
-                step(conn)
-            conn.execute(s.meta.insert().values(key="schema_version", value="6"))
-            conn.execute(s.images.insert().values(sha256="a" * 64, md5="m" * 32, size=1, first_seen=0.0))
-            assert not nc.has_hash(conn)
-        assert migrate(eng) == SCHEMA_VERSION >= 7
-        with eng.connect() as c:
-            assert "near_hash" in {col["name"] for col in inspect(c).get_columns("images")}
-            assert "ix_images_near_hash" in {ix["name"] for ix in inspect(c).get_indexes("images")}
-            assert c.execute(text("select near_hash from images")).scalar_one() is None
-            index = nc.load_index(c)
-            assert (len(index.ids), index.unhashed) == (0, 1)
-    finally:
-        eng.dispose()
 
 
 def test_writer_stores_the_first_hash(db_url: str) -> None:

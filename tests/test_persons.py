@@ -269,25 +269,6 @@ def test_face_index_cache_is_reused_and_checked(store: Store, tmp_path: Path) ->
     other.dispose()
 
 
-def test_migration_from_v5_adds_the_persons_tables(tmp_path: Path) -> None:
-    from sqlalchemy import inspect
-
-    from daemon.store.engine import MIGRATIONS, SCHEMA_VERSION
-
-    url = f"sqlite:///{tmp_path / 'old.db'}"
-    eng = open_store_engine(url)
-    with eng.begin() as c:
-        for t in ("person_decisions", "face_persons", "persons"):
-            c.exec_driver_sql(f"DROP TABLE {t}")
-        c.execute(s.meta.update().where(s.meta.c.key == "schema_version").values(value="5"))
-    eng.dispose()
-    eng = open_store_engine(url)
-    with eng.connect() as c:
-        assert {"persons", "face_persons", "person_decisions"} <= set(inspect(c).get_table_names())
-    assert SCHEMA_VERSION == len(MIGRATIONS) >= 6
-    eng.dispose()
-
-
 # -- commands --------------------------------------------------------------------------------------
 
 

@@ -191,23 +191,3 @@ def test_descriptor_blob_round_trips(store: Store) -> None:
     with store.engine.connect() as c:
         blob = c.execute(select(s.faces.c.descriptor)).scalar_one()
     assert np.array_equal(np.frombuffer(bytes(blob), "<f2"), vec)
-
-
-def test_migration_v5_adds_the_descriptor_to_an_older_database(db_url: str) -> None:
-    """A database made by schema version 4 (faces without a descriptor) gains the column."""
-    from daemon.store import engine as eng_mod
-
-    eng = open_engine(db_url)
-    try:
-        with eng.begin() as conn:
-            for step in eng_mod.MIGRATIONS[:4]:
-                step(conn)
-            conn.execute(text("ALTER TABLE faces DROP COLUMN descriptor"))
-            conn.execute(s.meta.insert().values(key="schema_version", value="4"))
-        assert migrate(eng) == SCHEMA_VERSION >= 5
-        from sqlalchemy import inspect
-
-        with eng.connect() as c:
-            assert "descriptor" in {col["name"] for col in inspect(c).get_columns("faces")}
-    finally:
-        eng.dispose()

@@ -1,4 +1,4 @@
-"""Engine set-up per dialect and schema migrations.
+"""Engine set-up per dialect, and running the schema migrations (:mod:`daemon.store.migrations`).
 
 SQLite: WAL, foreign keys on, a busy timeout, and write transactions that begin IMMEDIATE (a
 deferred transaction that reads and then writes fails at once with "database is locked",
@@ -22,6 +22,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, NoSuchModuleError, OperationalError
 
 from daemon.store import schema
+from daemon.store.migrations import LATEST, STEPS
 
 log = logging.getLogger(__name__)
 
@@ -153,36 +154,10 @@ def _connect_readonly(path: str) -> sqlite3.Connection:
     return conn
 
 
-def _v1(conn: Connection) -> None:
-    schema.metadata.create_all(conn)
-
-
-def _v2_reviews(conn: Connection) -> None:
-    from daemon.store.reviews import migrate_v2
-
-    migrate_v2(conn)
-
-
-def _v3_sort_indexes(conn: Connection) -> None:
-    schema.migrate_v3(conn)
-
-
-# Each migration runs in its own transaction; index i brings the schema to version i + 1.
-def _v6_persons(conn: Connection) -> None:
-    from daemon.store.persons import migrate_v6
-
-    migrate_v6(conn)
-
-
-def _v7_near_copies(conn: Connection) -> None:
-    from daemon.store.nearcopies import migrate_v7
-
-    migrate_v7(conn)
-
-
-MIGRATIONS: list[Callable[[Connection], None]] = [_v1, _v2_reviews, _v3_sort_indexes, schema.migrate_v4,
-                                                   schema.migrate_v5, _v6_persons, _v7_near_copies]
-SCHEMA_VERSION = len(MIGRATIONS)
+# The steps themselves, by number and name, are in :mod:`daemon.store.migrations`; this module
+# runs them. ``MIGRATIONS[i]`` brings the schema to version i + 1.
+MIGRATIONS: list[Callable[[Connection], None]] = [step.apply for step in STEPS]
+SCHEMA_VERSION = LATEST
 
 
 def schema_version(conn: Connection) -> int:
@@ -228,8 +203,9 @@ def _migrate(engine: Engine) -> int:
                 )
             if version == SCHEMA_VERSION:
                 return version
-            log.info("migrating database schema %d -> %d", version, version + 1)
-            MIGRATIONS[version](conn)
+            step = STEPS[version]
+            log.info("migrating database schema %d -> %d (%s)", version, step.version, step.name)
+            step.apply(conn)
             if version == 0:
                 conn.execute(schema.meta.insert().values(key="schema_version", value="1"))
             else:

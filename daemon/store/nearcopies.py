@@ -17,7 +17,7 @@ import re
 from dataclasses import dataclass, field
 
 import numpy as np
-from sqlalchemy import Column, Connection, Index, Integer, MetaData, String, Table, func, inspect, select, text, update
+from sqlalchemy import Column, Connection, Index, Integer, MetaData, String, Table, func, inspect, select, update
 
 from daemon.pipeline.phash import BITS, WORDS, distances, parse, parse_many
 from daemon.store import schema as s
@@ -35,14 +35,6 @@ HASH_INDEX = Index("ix_images_near_hash", images_v7.c.near_hash)
 
 class NearError(ValueError):
     """A near-copy search that cannot be answered (unknown image, bad hash prefix or distance)."""
-
-
-def migrate_v7(conn: Connection) -> None:
-    """Schema version 7 (in the migration's transaction): ``images.near_hash`` and its index."""
-    if not has_hash(conn):
-        kind = String(48).compile(dialect=conn.dialect)
-        conn.execute(text(f"ALTER TABLE images ADD COLUMN near_hash {kind}"))
-    HASH_INDEX.create(conn, checkfirst=True)
 
 
 def has_hash(conn: Connection) -> bool:

@@ -105,12 +105,6 @@ decisions = Table(
 )
 
 
-def migrate_v6(conn: Connection) -> None:
-    """Schema version 6: persons, their faces and the examiner's decisions. Faces analysed
-    before get persons from ``forensic-gender recluster``."""
-    metadata.create_all(conn, checkfirst=True)
-
-
 def has_persons(conn: Connection) -> bool:
     """Whether this database has the persons tables (read-only commands work without them)."""
     return conn.dialect.has_table(conn, "face_persons")

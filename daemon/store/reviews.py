@@ -68,13 +68,6 @@ EXTRA_INDEXES = (
 )
 
 
-def migrate_v2(conn: Connection) -> None:
-    """Schema version 2: the reviews table and the query indexes."""
-    reviews.create(conn, checkfirst=True)
-    for ix in EXTRA_INDEXES:
-        ix.create(conn, checkfirst=True)
-
-
 def has_reviews(conn: Connection) -> bool:
     """Whether this database has the reviews table (read-only commands work without it)."""
     return conn.dialect.has_table(conn, "reviews")

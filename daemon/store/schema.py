@@ -1,4 +1,4 @@
-"""The results schema (SQLAlchemy Core). Version history lives in :mod:`daemon.store.engine`.
+"""The results schema (SQLAlchemy Core). Its versions, step by step, are in :mod:`daemon.store.migrations`.
 
 - ``images``: one row per distinct content (sha256 unique).
 - ``files``: one row per absolute path seen (unique); this is the work queue. States:
@@ -16,7 +16,6 @@ from __future__ import annotations
 from sqlalchemy import (
     BigInteger,
     Column,
-    Connection,
     Float,
     ForeignKey,
     Index,
@@ -155,34 +154,3 @@ _faces_v3 = Table("faces", MetaData(), Column("id", Integer, primary_key=True), 
 _SORTED = (("p_male", "p_male"), ("age", "age"), ("width", "width_px"), ("score", "score"))
 SORT_INDEXES = tuple(Index(f"ix_faces_{name}_id", _faces_v3.c[col], _faces_v3.c.id) for name, col in _SORTED)
 REPLACED_INDEXES = tuple(Index(f"ix_faces_{name}", _faces_v3.c[col]) for name, col in _SORTED)
-
-
-def migrate_v3(conn: Connection) -> None:
-    """Schema version 3 (in the migration's transaction): the face sort indexes end with the
-    face id (see above)."""
-    for ix in REPLACED_INDEXES:
-        ix.drop(conn, checkfirst=True)
-    for ix in SORT_INDEXES:
-        ix.create(conn, checkfirst=True)
-
-
-def migrate_v4(conn: Connection) -> None:
-    """Schema version 4 (in the migration's transaction): paths are stored in their recorded
-    form (:mod:`daemon.paths`), where a literal backslash is written twice; paths recorded
-    before that get theirs doubled (names that were not UTF-8 could not be recorded at all)."""
-    from sqlalchemy import func, update
-
-    for col in ("path", "root"):
-        c = files.c[col]
-        conn.execute(update(files).where(c.contains("\\", autoescape=True)).values({col: func.replace(c, "\\", "\\\\")}))
-
-
-def migrate_v5(conn: Connection) -> None:
-    """Schema version 5: faces carry the backbone's descriptor (null for faces analysed before).
-    A database created at this version already has the column (version 1 creates the tables)."""
-    from sqlalchemy import inspect, text
-
-    if any(c["name"] == "descriptor" for c in inspect(conn).get_columns("faces")):
-        return
-    kind = LargeBinary().compile(dialect=conn.dialect)
-    conn.execute(text(f"ALTER TABLE faces ADD COLUMN descriptor {kind}"))
