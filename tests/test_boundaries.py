@@ -24,6 +24,7 @@ OWNERS: dict[str, set[str]] = {
     "torch": set(),  # training/ only
     # debt: web.py resizes and encodes previews itself instead of through render.py
     "cv2": {"pipeline/images.py", "pipeline/align.py", "render.py", "web.py"},
+    "pillow_heif": {"pipeline/heif.py"},
 }
 
 

@@ -14,8 +14,9 @@ Reading (:func:`read_file`)
     ever written or created anywhere.
 
 Formats
-    Recognised by signature, never by file name. JPEG, PNG, GIF, WebP, BMP and TIFF are decoded;
-    HEIC/HEIF, AVIF, JPEG XL and JPEG 2000 are recognised and refused as ``unsupported_format``;
+    Recognised by signature, never by file name. JPEG, PNG, GIF, WebP, BMP, TIFF, HEIC/HEIF and
+    AVIF (when Pillow is built with it) are decoded; JPEG XL and JPEG 2000 are recognised and
+    refused as ``unsupported_format``;
     anything else (PDF, ZIP, video, text, random bytes) is ``not_an_image`` with a description of
     what the first bytes look like.
 
@@ -30,6 +31,11 @@ Decoder per format
       whose stream carries data beyond the image is decoded by Pillow, which ignores it quietly.
     * GIF, WebP, BMP, TIFF: Pillow (wider mode coverage: palette, 1-bit, CMYK, I;16, I, F; frame
       counting). 16/32-bit integer and float greyscale are rescaled by us, never clipped.
+    * AVIF: Pillow (libavif), which hands over 8-bit RGB(A). Its loader reports the container's
+      rotation/mirror as the EXIF orientation and leaves the pixels as stored, like a JPEG.
+    * HEIC/HEIF: pillow-heif, in :mod:`daemon.pipeline.heif` (the one module importing it). libheif
+      applies the container's rotation/mirror itself, as the HEIF standard requires; the EXIF tag
+      is recorded as ``orientation`` but not applied again. 10/12-bit: reduced to 8 bit like PNG.
     EXIF orientation is applied by us, identically for every format: OpenCV gets
     ``IMREAD_IGNORE_ORIENTATION``; Pillow leaves it alone except in its TIFF loader, which rotates
     by the tag itself (and reports TIFF sizes rotated) - we detect that and do not rotate twice.
@@ -41,8 +47,9 @@ Output frame
     A point (x, y) in ``bgr`` is (x / scale, y / scale) in the upright full image.
 
 Multi-frame policy
-    Animated GIF/WebP/PNG and multi-page TIFF: only the FIRST frame is analysed; ``frames`` holds
-    the frame count and a note ``"first frame of N"`` is added.
+    Animated GIF/WebP/PNG/AVIF and multi-page TIFF: only the FIRST frame is analysed; ``frames``
+    holds the frame count and a note ``"first frame of N"`` is added. HEIC with several images:
+    the primary image (the one viewers show) is analysed, ``frames`` counts the top-level images.
 
 Truncation policy (checked on the raw bytes before decoding; libraries fill missing data silently)
     * JPEG: the marker segments are walked from SOI; entropy-coded scan data is skipped to the next
@@ -54,6 +61,8 @@ Truncation policy (checked on the raw bytes before decoding; libraries fill miss
       data or a bad row filter is ``corrupt`` (the file is whole but its content is damaged).
     * GIF: blocks are walked to the trailer (0x3B); ending before it is ``truncated``.
     * WebP: the RIFF length must fit in the data, else ``truncated``.
+    * HEIC, AVIF: every top-level box must fit in the data, else ``truncated``; HEIC items whose
+      data lies past the end are ``truncated`` too (libheif says so when decoding).
     * BMP, TIFF: Pillow's own checks ("image file is truncated") with ``LOAD_TRUNCATED_IMAGES``
       kept False.
     * When the header itself cannot be parsed, the walker decides: ``truncated`` if the data stops
@@ -65,7 +74,8 @@ Limits
     ``max_pixels`` is checked against the full header dimensions (even when a JPEG is then decoded
     DCT-reduced) before any pixel is decoded: a 20000x20000 PNG bomb of 400 KB is refused with no
     allocation. Pillow's own bomb check is disabled (``Image.MAX_IMAGE_PIXELS = None``) because
-    this check replaces it.
+    this check replaces it. HEIC/AVIF: the largest size any image item declares (``ispe``) is
+    checked too, from the bytes, before libheif or libavif parse the file.
 """
 
 from __future__ import annotations
@@ -85,7 +95,9 @@ from dataclasses import dataclass
 
 import cv2
 import numpy as np
-from PIL import Image, ImageFile
+from PIL import Image, ImageFile, features
+
+from daemon.pipeline import heif
 
 log = logging.getLogger(__name__)
 
@@ -109,8 +121,10 @@ REASONS = frozenset(
         "replaced",  # another file than the one discovered now has the name
     }
 )
-SUPPORTED_FORMATS = ("jpeg", "png", "gif", "webp", "bmp", "tiff")
-UNSUPPORTED_FORMATS = ("heic", "avif", "jxl", "jp2")
+_AVIF = bool(features.check("avif"))  # Pillow >= 11.3 wheels decode AVIF; older ones do not
+SUPPORTED_FORMATS = ("jpeg", "png", "gif", "webp", "bmp", "tiff", "heic") + (("avif",) if _AVIF else ())
+UNSUPPORTED_FORMATS = ("jxl", "jp2") + (() if _AVIF else ("avif",))
+_HEIF_FAMILY = ("heic", "avif")  # ISO base media files: one box walker, one declared-size check
 _READ_CHUNK = 1024 * 1024
 
 
@@ -657,10 +671,23 @@ def _check_webp(data: bytes) -> None:
 _CHECKS = {"jpeg": _check_jpeg, "gif": _check_gif, "webp": _check_webp}
 
 
+def _heif_error(fmt: str, err: heif.HeifDataError) -> ImageError:
+    if err.reason == "truncated":
+        return _truncated(fmt, err.detail)
+    if err.reason == "unsupported":
+        return ImageError("unsupported_format", f"{fmt.upper()}: {err.detail} is not decoded; convert it to analyse it")
+    return _corrupt(fmt, err.detail)
+
+
 def _check_complete(fmt: str, data: bytes) -> bool:
     """Raise truncated/corrupt from the raw structure; True when a PNG has surplus pixel data."""
     if fmt == "png":
         return _check_png(data)
+    if fmt in _HEIF_FAMILY:
+        try:
+            heif.check_boxes(data)
+        except heif.HeifDataError as err:
+            raise _heif_error(fmt, err) from err
     check = _CHECKS.get(fmt)
     if check is not None:
         check(data)
@@ -676,6 +703,7 @@ class _Probe:
     header: Header
     mode: str  # Pillow's mode for the first frame, e.g. "RGB", "CMYK", "I;16"
     notes: tuple[str, ...]
+    bits: int = 8  # bits per sample where the reader says (HEIC), else 8
 
 
 def _orientation_from_exif(exif: Image.Exif | None, notes: list[str]) -> int:
@@ -737,8 +765,41 @@ def _header_error(fmt: str, data: bytes, err: Exception) -> ImageError:
     return _corrupt(fmt, f"the header cannot be read ({type(err).__name__}: {err})")
 
 
+def _probe_heif(data: bytes) -> _Probe:
+    """HEIC header through libheif. Its size is upright already; the stored size is derived from
+    the EXIF orientation, which libheif's own rotation matches in files Apple and others write."""
+    notes: list[str] = []
+    try:
+        info = heif.probe(data)
+    except heif.HeifDataError as err:
+        raise _heif_error("heic", err) from err
+    except Exception as err:  # the boxes say truncated, a bare sequence (unsupported) or corrupt
+        try:
+            heif.check_boxes(data)
+        except heif.HeifDataError as structural:
+            raise _heif_error("heic", structural) from err
+        raise _corrupt("heic", f"the header cannot be read ({type(err).__name__}: {err})") from err
+    exif = None
+    if info.exif:
+        try:
+            exif = Image.Exif()
+            exif.load(info.exif)
+        except Exception as err:  # a broken EXIF block must not make the image unreadable
+            notes.append(f"unreadable EXIF ignored ({type(err).__name__})")
+            exif = None
+    orientation = _orientation_from_exif(exif, notes)
+    width, height = (info.height, info.width) if orientation >= 5 else (info.width, info.height)
+    if width <= 0 or height <= 0:
+        raise _corrupt("heic", f"the header declares {width}x{height} pixels")
+    if info.primary:
+        notes.append(f"primary image (number {info.primary + 1} of {info.frames}) analysed")
+    return _Probe(Header("heic", width, height, info.frames, orientation), info.mode, tuple(notes), info.bit_depth)
+
+
 def _probe(data: bytes) -> _Probe:
     fmt = _require_format(data)
+    if fmt == "heic":
+        return _probe_heif(data)
     notes: list[str] = []
     try:
         with Image.open(io.BytesIO(data), formats=[fmt.upper()]) as im:
@@ -872,9 +933,20 @@ def apply_orientation(arr: np.ndarray, orientation: int) -> np.ndarray:
     return _ORIENT[orientation](arr)
 
 
+def _decode_heif(data: bytes, probe: _Probe, notes: list[str]) -> np.ndarray:
+    """The primary HEIC image, upright (libheif applied the container's rotation), as BGR."""
+    arr = heif.decode(data)
+    if arr.dtype == np.uint16:  # 10/12-bit samples arrive in the top bits of 16
+        arr = cv2.convertScaleAbs(arr, alpha=255.0 / 65535.0)
+        notes.append(f"{probe.bits}-bit reduced to 8-bit")
+    return _to_bgr8(arr, notes)
+
+
 def _classify(fmt: str, err: Exception) -> ImageError:
     if isinstance(err, ImageError):
         return err
+    if isinstance(err, heif.HeifDataError):
+        return _heif_error(fmt, err)
     if isinstance(err, MemoryError):
         return ImageError("too_large", f"{fmt.upper()}: ran out of memory while decoding; lower max_pixels")
     text = str(err)
@@ -883,18 +955,25 @@ def _classify(fmt: str, err: Exception) -> ImageError:
     return _corrupt(fmt, f"the decoder failed ({type(err).__name__}: {text})")
 
 
-def decode(data: bytes, *, max_pixels: int = 100_000_000, min_side_hint: int | None = None) -> Decoded:
-    """Decode the first frame to upright 8-bit BGR; refuse bombs from the header, detect truncation."""
-    probe = _probe(data)
-    h = probe.header
-    fmt = h.format
-    if h.width * h.height > max_pixels:
+def _refuse_too_large(fmt: str | None, width: int, height: int, max_pixels: int) -> None:
+    if width * height > max_pixels:
         raise ImageError(
             "too_large",
-            f"{fmt.upper()} header declares {h.width}x{h.height} = {h.width * h.height} pixels,"
+            f"{(fmt or '').upper()} header declares {width}x{height} = {width * height} pixels,"
             f" more than max_pixels={max_pixels}; refused before decoding (a decompression bomb"
             " or a huge scan) - raise max_pixels if such images are expected",
         )
+
+
+def decode(data: bytes, *, max_pixels: int = 100_000_000, min_side_hint: int | None = None) -> Decoded:
+    """Decode the first frame to upright 8-bit BGR; refuse bombs from the header, detect truncation."""
+    fmt = sniff_format(data)
+    if fmt in _HEIF_FAMILY:  # before libheif/libavif parse anything: the largest item declared
+        _refuse_too_large(fmt, *heif.declared_size(data), max_pixels)
+    probe = _probe(data)
+    h = probe.header
+    fmt = h.format
+    _refuse_too_large(fmt, h.width, h.height, max_pixels)
     notes = list(probe.notes)
     factor = _jpeg_reduction((h.width, h.height), min_side_hint) if fmt == "jpeg" else 1
     try:
@@ -902,7 +981,9 @@ def decode(data: bytes, *, max_pixels: int = 100_000_000, min_side_hint: int | N
         if surplus:
             notes.append("extra pixel data after the image ignored")
         bgr, upright = None, False
-        if fmt == "jpeg" or (fmt == "png" and not surplus):
+        if fmt == "heic":
+            bgr, upright = _decode_heif(data, probe, notes), True
+        elif fmt == "jpeg" or (fmt == "png" and not surplus):
             bgr = _decode_cv2(data, probe, factor, notes)
             if bgr is None and fmt == "png":
                 raise _corrupt(fmt, "the decoder rejected the pixel data")
