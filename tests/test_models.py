@@ -20,9 +20,9 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from daemon import models
-from daemon.models import ModelError
+from daemon.models import ModelError, verification
 
-REPO_MANIFEST = Path(models.__file__).resolve().parents[1] / "models" / "manifest.json"
+REPO_MANIFEST = Path(models.__file__).resolve().parents[2] / "models" / "manifest.json"
 
 
 # ------------------------------------------------------------------------------------- helpers
@@ -451,8 +451,8 @@ def test_model_file_checks_the_hash_once_per_file_version(tmp_path: Path,
     path = tmp_path / "weights.onnx"
     path.write_bytes(b"good")
     calls: list[Path] = []
-    real = models._sha256
-    monkeypatch.setattr(models, "_sha256", lambda p: calls.append(p) or real(p))
+    real = verification._sha256
+    monkeypatch.setattr(verification, "_sha256", lambda p: calls.append(p) or real(p))
     assert models.model_file(tmp_path, manifest, "m") == path
     assert models.model_file(tmp_path, manifest, "m") == path
     assert len(calls) == 1

@@ -25,7 +25,7 @@ from daemon import models
 
 NAMES = ("gender-wild-v1", "gender-dlib-v1")
 COMMANDS = {"gender-wild-v1": "python -m training.train", "gender-dlib-v1": "python -m training.branch"}
-REPO = Path(models.__file__).resolve().parents[1]
+REPO = Path(models.__file__).resolve().parents[2]
 MODELS = REPO / "models"
 SAMPLE = 100  # faces per folder
 TOLERANCE = {"f1": 0.03, "accuracy": 0.03, "auc": 0.02, "mean_p_male_male": 0.03, "mean_p_male_female": 0.03}
