@@ -306,6 +306,9 @@ VARIANTS = {
     "no_backbone": {"pipeline": {"gender": {"model": "gender-wild-v1", "kind": "project-chip"}, "backbone": {"enabled": False}}},
     # the descriptor of the face alone, without its mirror image (issue 13: one backbone pass per face)
     "no_flip": {"pipeline": {"backbone": {"flip": False}}},
+    # the GPU (issue 16): on a host with onnxruntime-gpu and a GPU, next to the CPU scan of the same
+    # run; elsewhere it warns and runs on the CPU (the start-up log says which provider ran)
+    "gpu": {"pipeline": {"providers": ["cuda", "cpu"]}},
 }
 VARIANT_ENV = "FORENSIC_GENDER_BENCH_VARIANT"
 
@@ -371,7 +374,7 @@ def child_scan(args: argparse.Namespace) -> int:
 
     pipe = json.loads(args.pipeline or "{}")
     for section, values in json.loads(args.variant or "{}").get("pipeline", {}).items():
-        pipe[section] = {**pipe.get(section, {}), **values}
+        pipe[section] = {**pipe.get(section, {}), **values} if isinstance(values, dict) else values  # providers: a list
     cfg = parse({"database": args.db, "pipeline": pipe}, check_paths=False)
     seconds: dict[str, float] = {}
     faces: dict[str, list] = {}

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any
@@ -87,7 +88,13 @@ class LimitsConfig:
 
 @dataclass(frozen=True)
 class PipelineConfig:
+    """``providers``: onnxruntime execution providers in order of preference, from
+    :data:`PROVIDERS` (README "GPUs"). A listed provider this host's onnxruntime does not offer is
+    skipped with a WARNING at start-up; one that is offered but does not start, or none left, is a
+    start-up error. Never a silent fall-back."""
+
     models_dir: str | None = None
+    providers: tuple[str, ...] = ("cpu",)
     detector: DetectorConfig = field(default_factory=DetectorConfig)
     gender: GenderConfig = field(default_factory=GenderConfig)
     age: AgeConfig = field(default_factory=AgeConfig)
@@ -150,7 +157,8 @@ class Config:
         return self.service.host_id or socket.gethostname()
 
 
-_LIST_FIELDS = {"include", "exclude", "roles"}
+_LIST_FIELDS = {"include", "exclude", "roles", "providers"}
+PROVIDERS = ("tensorrt", "cuda", "cpu")  # pipeline.providers, in the only order that makes sense
 
 
 def _build(cls: type, data: Any, path: str, problems: list[str]) -> Any:
@@ -231,6 +239,7 @@ def _check(cfg: Config, problems: list[str], check_paths: bool) -> None:
     need(g.kind in ("dlib-chip", "seed-efficientnet", "project-chip"), "pipeline.gender.kind", f"must be dlib-chip, project-chip or seed-efficientnet, got {g.kind!r}")
     need(0 < g.threshold < 1, "pipeline.gender.threshold", f"must be between 0 and 1, got {g.threshold}")
     need(0 <= g.uncertain_margin < min(g.threshold, 1 - g.threshold), "pipeline.gender.uncertain_margin", f"must be >= 0 and leave both labels reachable, got {g.uncertain_margin}")
+    _check_providers(cfg.pipeline.providers, need)
     need(lim.max_pixels > 0, "pipeline.limits.max_pixels", f"must be positive, got {lim.max_pixels}")
     need(lim.max_file_bytes > 0, "pipeline.limits.max_file_bytes", f"must be positive, got {lim.max_file_bytes}")
     need(svc.workers >= 0, "service.workers", f"must be >= 0 (0 = one per core), got {svc.workers}")
@@ -253,6 +262,17 @@ def _check(cfg: Config, problems: list[str], check_paths: bool) -> None:
         need(bool(r.path), f"{where}.path", "is required: the folder to watch")
         if check_paths and r.path:
             need(Path(r.path).is_dir(), f"{where}.path", f"must be an existing directory, got {r.path!r}")
+
+
+def _check_providers(providers: tuple[str, ...], need: Callable[[bool, str, str], None]) -> None:
+    where, got = "pipeline.providers", list(providers)
+    unknown = [p for p in providers if p not in PROVIDERS]
+    need(bool(providers), where, "must list at least one of tensorrt, cuda, cpu (e.g. [cuda, cpu]), got []")
+    need(not unknown, where, f"must name providers from tensorrt, cuda, cpu, got {unknown} in {got}")
+    need(len(set(providers)) == len(providers), where, f"must name each provider once, got {got}")
+    known = [p for p in providers if p in PROVIDERS]
+    need(known == sorted(known, key=PROVIDERS.index), where,
+         f"must keep the order tensorrt, cuda, cpu (the first takes every node it can), got {got}")
 
 
 def parse(data: Any, *, source: str = "configuration", check_paths: bool = True, base: Path | None = None) -> Config:

@@ -48,7 +48,7 @@ from daemon.config import Config, ConfigError, RootConfig
 from daemon.notify import Notifier
 from daemon.scan import default_workers
 from daemon.service_discovery import Discovery
-from daemon.service_health import HEARTBEAT_SECONDS, Health, Snapshot, print_status, safe_url, status_document
+from daemon.service_health import HEARTBEAT_SECONDS, Health, Snapshot, print_status, provider_text, safe_url, status_document
 from daemon.service_lifecycle import SIGNALS, InstanceLock, ServiceError, Signals, lock_holder, sqlite_path
 from daemon.service_outage import Outage
 from daemon.service_queue import WorkQueue
@@ -205,7 +205,7 @@ class Service:
             "forensic-gender %s ready: database %s, %s, %d file(s) waiting",
             __version__,
             safe_url(cfg.database),
-            f"{self.pool.n} worker(s)" if self.pool else "no analysis (roles: watch)",
+            f"{self.pool.n} worker(s) on {provider_text(self.pool.bundle)}" if self.pool else "no analysis (roles: watch)",
             self.health.backlog,
         )
 
@@ -234,7 +234,12 @@ class Service:
 
     def _snapshot(self) -> Snapshot:
         watcher = self.discovery.watcher
-        return Snapshot(watcher.modes() if watcher else {}, self.pool.n if self.pool else None, self.discovery.rescan_root)
+        return Snapshot(
+            watcher.modes() if watcher else {},
+            self.pool.n if self.pool else None,
+            self.discovery.rescan_root,
+            provider_text(self.pool.bundle) if self.pool else None,
+        )
 
     # -- the loop ---------------------------------------------------------------------------------
 

@@ -58,6 +58,7 @@ class Snapshot:
     modes: dict[str, str]  # watched root -> "native" or "polling"
     workers: int | None  # None: this host analyses nothing
     rescanning: str | None  # the root being rescanned
+    providers: str | None = None  # the workers' execution providers (provider_text); None: no analysis
 
 
 class Health:
@@ -113,8 +114,16 @@ class Health:
                 "rate_per_s": round(self.rate.per_second(), 3),
                 "workers": snap.workers or 0,
                 "roots": snap.modes,
+                "providers": snap.providers,
             }
         )
+
+
+def provider_text(bundle: dict[str, Any]) -> str:
+    """The execution providers a model bundle ran on, for people: ``CPU``, ``CUDA (then CPU)``
+    (a bundle names them only when they are not the CPU alone)."""
+    names = [str(p).removesuffix("ExecutionProvider") for p in bundle.get("providers") or ["CPUExecutionProvider"]]
+    return names[0] + (f" (then {', '.join(names[1:])})" if names[1:] else "")
 
 
 def safe_url(url: str) -> str:
@@ -158,6 +167,7 @@ def status_document(cfg: Config) -> dict[str, Any]:
                 "backlog": hb.get("backlog"),
                 "rate_per_s": hb.get("rate_per_s"),
                 "roots": hb.get("roots"),
+                "providers": hb.get("providers"),
             }
         )
     dbp = sqlite_path(cfg.database)
@@ -211,6 +221,8 @@ def print_status(doc: dict[str, Any], out: TextIO = sys.stdout) -> None:
             f"          host {h['host']}: pid {h['pid']}, last heartbeat {h['last_heartbeat_s']} s ago"
             f"{'' if h['alive'] else ' (stale)'}, backlog {h['backlog']}, {h['rate_per_s']} files/s\n"
         )
+        if h.get("providers"):
+            w(f"            execution provider: {h['providers']}\n")
     f = doc["files"]
     w("files     " + "  ".join(f"{k} {f.get(k, 0)}" for k in STATES) + "\n")
     w(f"backlog   {doc['backlog']}\n")

@@ -21,7 +21,7 @@ import numpy as np
 from daemon import models as model_store
 from daemon.config import PipelineConfig
 from daemon.pipeline import align, classify, detect, images, phash
-from daemon.pipeline.sessions import ModelLoadError, Session, check_probabilities
+from daemon.pipeline.sessions import PROVIDER, ModelLoadError, Session, check_probabilities, choose_providers
 
 log = logging.getLogger(__name__)
 
@@ -211,6 +211,8 @@ class Pipeline:
         self.cfg, self.detector, self.gender, self.age, self.backbone = cfg, detector, gender, age, backbone
         self.bundle = bundle
         self.bundle_key = hashlib.sha256(json.dumps(bundle, sort_keys=True).encode()).hexdigest()[:16]
+        # the execution providers the sessions run on, in order (the bundle names them unless CPU)
+        self.providers: list[str] = bundle.get("providers", [PROVIDER])
 
     def decode_hint(self) -> int:
         d = self.cfg.detector
@@ -286,8 +288,10 @@ def load_pipeline(cfg: PipelineConfig, *, threads: int = 1) -> Pipeline:
     align.set_threads(threads)
     mdir = Path(cfg.models_dir) if cfg.models_dir else model_store.default_models_dir()
     manifest = model_store.load_manifest(mdir)
+    providers = choose_providers(cfg.providers)  # a WARNING for each requested one missing here
     det_path = model_store.model_file(mdir, manifest, "centerface")
-    det = Detector(Session(det_path, inputs={"input.1": 4}, outputs=["537", "538", "539", "540"], threads=threads, name="centerface"), cfg.detector)
+    det_sess = Session(det_path, inputs={"input.1": 4}, outputs=["537", "538", "539", "540"], threads=threads, name="centerface", providers=providers)
+    det = Detector(det_sess, cfg.detector)
     hashes = {"centerface": manifest.models["centerface"].inference_sha256}
 
     backbone = None
@@ -298,7 +302,7 @@ def load_pipeline(cfg: PipelineConfig, *, threads: int = 1) -> Pipeline:
                                  f"{cfg.backbone.model!r}; set it to dlib-face-v1 or disable the backbone")
         outs = tuple(o.name for o in bspec.outputs)
         bsess = Session(model_store.model_file(mdir, manifest, bspec.name), inputs={bspec.input.name: 4},
-                        outputs=list(outs), threads=threads, name=bspec.name)
+                        outputs=list(outs), threads=threads, name=bspec.name, providers=providers)
         backbone = Backbone(bsess, ChipSpec("aligned", int(bspec.chip_size or bspec.input.shape[-1]),
                                             tuple(bspec.normalization.means), float(bspec.normalization.scale),
                                             "tensors", bspec.input.name, outs[0],
@@ -314,12 +318,12 @@ def load_pipeline(cfg: PipelineConfig, *, threads: int = 1) -> Pipeline:
             raise ModelLoadError(f"pipeline.gender.model {g.model} reads {hspec.backbone}'s {hspec.backbone_tensor}: "
                                  f"set pipeline.backbone.enabled: true and pipeline.backbone.model: {hspec.backbone}")
         hsess = Session(model_store.model_file(mdir, manifest, g.model), inputs={hspec.input.name: 4},
-                        outputs=[hspec.outputs[0].name], threads=threads, name=g.model)
+                        outputs=[hspec.outputs[0].name], threads=threads, name=g.model, providers=providers)
         gender = Head(hsess, str(hspec.backbone_tensor), hspec.input.name, flip_tta=g.flip_tta)
         hashes["gender"] = hspec.inference_sha256
     elif g.kind == "seed-efficientnet":
         path = Path(g.model)
-        sess = Session(path, inputs={"input.1": 4}, outputs=None, threads=threads, name=path.name)
+        sess = Session(path, inputs={"input.1": 4}, outputs=None, threads=threads, name=path.name, providers=providers)
         if len(sess.output_names) != 1:
             raise ModelLoadError(f"{path}: a seed-efficientnet model must have exactly one output (p male), it has {sess.output_names}")
         spec = ChipSpec("loose", SEED_SIZE, None, 1 / 255, "sigmoid1", "input.1", sess.output_names[0])
@@ -329,7 +333,7 @@ def load_pipeline(cfg: PipelineConfig, *, threads: int = 1) -> Pipeline:
         gspec = manifest.models[g.model]
         path = model_store.model_file(mdir, manifest, g.model)
         spec = chip_spec(gspec)
-        sess = Session(path, inputs={spec.input_name: 4}, outputs=[spec.output_name], threads=threads, name=g.model)
+        sess = Session(path, inputs={spec.input_name: 4}, outputs=[spec.output_name], threads=threads, name=g.model, providers=providers)
         hashes["gender"] = gspec.inference_sha256
         gender = Classifier(sess, spec, flip_tta=g.flip_tta)
 
@@ -337,7 +341,8 @@ def load_pipeline(cfg: PipelineConfig, *, threads: int = 1) -> Pipeline:
     if cfg.age.enabled:
         aspec = chip_spec(manifest.models[cfg.age.model], age=True)
         apath = model_store.model_file(mdir, manifest, cfg.age.model)
-        age = Classifier(Session(apath, inputs={aspec.input_name: 4}, outputs=[aspec.output_name], threads=threads, name=cfg.age.model), aspec)
+        asess = Session(apath, inputs={aspec.input_name: 4}, outputs=[aspec.output_name], threads=threads, name=cfg.age.model, providers=providers)
+        age = Classifier(asess, aspec)
         hashes["age"] = manifest.models[cfg.age.model].inference_sha256
 
     d = cfg.detector
@@ -349,6 +354,10 @@ def load_pipeline(cfg: PipelineConfig, *, threads: int = 1) -> Pipeline:
     if backbone is not None:
         bundle["backbone"] = {"model": cfg.backbone.model, "size": backbone.spec.size, "padding": backbone.spec.padding,
                               "flip": cfg.backbone.flip}
+    sessions = [det.session, gender.session] + [m.session for m in (backbone, age) if m is not None]
+    used = list(dict.fromkeys(p for sess in sessions for p in sess.providers))
+    if used != [PROVIDER]:  # results from a GPU are their own bundle; CPU-only keeps the key it always had
+        bundle["providers"] = used
     return Pipeline(cfg, det, gender, age, bundle, backbone)
 
 

@@ -11,6 +11,14 @@ network without them (12.8 vs 2.2 ms per face on this machine, benchmarks/README
 therefore loads the graph with such weights set to zero (:func:`flush_denormals`); their
 contribution to any output is below float32 resolution (outputs compared bit for bit on test
 chips). The file on disk, and the hash the bundle records, are unchanged.
+
+Execution providers (``pipeline.providers``, README "GPUs"): :func:`choose_providers` keeps the
+requested providers this onnxruntime build offers, in the requested order, and says at start-up,
+as a WARNING, which requested ones it lacks and how to get them; none left is a start-up error.
+Every session must then run on the first one chosen: a provider that the build offers but cannot
+start (no driver, CUDA or cuDNN libraries missing, GPU memory full) is a start-up error too, and
+onnxruntime's own retry on the CPU (at load and at run time) is turned off. So the provider that
+runs is decided once per host, the same in every worker, and never changes silently.
 """
 
 from __future__ import annotations
@@ -29,6 +37,14 @@ from onnx import numpy_helper
 log = logging.getLogger(__name__)
 
 PROVIDER = "CPUExecutionProvider"
+# pipeline.providers names -> onnxruntime's execution providers, in the only order that makes
+# sense (a provider takes every node it can before the next one is asked)
+PROVIDERS = {"tensorrt": "TensorrtExecutionProvider", "cuda": "CUDAExecutionProvider", "cpu": PROVIDER}
+GPU_HELP = (
+    "install onnxruntime's GPU build with `pip uninstall -y onnxruntime && pip install 'forensic-gender[gpu]'` "
+    "(onnxruntime and onnxruntime-gpu must not be installed side by side) on a host with the NVIDIA driver and "
+    "the CUDA and cuDNN libraries that onnxruntime-gpu release needs"
+)
 
 
 class ModelLoadError(Exception):
@@ -37,6 +53,34 @@ class ModelLoadError(Exception):
 
 class ModelOutputError(Exception):
     """A model produced output that is not what its contract says (shape, range, NaN)."""
+
+
+def available_providers() -> list[str]:
+    """The execution providers this onnxruntime build offers (not a promise that they start)."""
+    return list(ort.get_available_providers())
+
+
+def choose_providers(requested: Sequence[str], available: Sequence[str] | None = None) -> tuple[str, ...]:
+    """The onnxruntime providers to ask for: the ``requested`` ones (``pipeline.providers``
+    names) that ``available`` offers, in the requested order. Each requested one that is not
+    offered is logged as a WARNING; none left raises :class:`ModelLoadError`."""
+    have = available_providers() if available is None else list(available)
+    wanted = [(name, PROVIDERS[name]) for name in requested]
+    chosen = tuple(ep for _, ep in wanted if ep in have)
+    missing = [f"{name} ({ep})" for name, ep in wanted if ep not in have]
+    offered = ", ".join(have) or "none"
+    if not chosen:
+        raise ModelLoadError(
+            f"pipeline.providers: asked for {', '.join(missing)}; onnxruntime {ort.__version__} offers only {offered}. "
+            f"To run on the GPU, {GPU_HELP}; to run on the CPU, set pipeline.providers: [cpu]"
+        )
+    if missing:
+        log.warning(
+            "pipeline.providers asks for %s, which onnxruntime %s does not offer (it offers %s): running on %s. "
+            "To use the GPU, %s; to silence this warning, set pipeline.providers: [cpu]",
+            ", ".join(missing), ort.__version__, offered, ", ".join(chosen), GPU_HELP,
+        )
+    return chosen
 
 
 class Session:
@@ -50,9 +94,12 @@ class Session:
         outputs: Sequence[str] | None,
         threads: int = 1,
         name: str = "",
+        providers: Sequence[str] = (PROVIDER,),
     ) -> None:
         """Load ``path``; ``inputs`` maps each expected input name to its rank, ``outputs``
-        lists the output names that must exist (None: all of the graph's outputs)."""
+        lists the output names that must exist (None: all of the graph's outputs).
+        ``providers``: onnxruntime provider names (:func:`choose_providers`); the session must
+        run on the first."""
         self.name = name or Path(path).name
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = threads
@@ -75,11 +122,15 @@ class Session:
             opts.add_session_config_entry("session.use_env_allocators", "1")
         try:
             model = flush_denormals(path)
-            self._session = ort.InferenceSession(model if model is not None else str(path), sess_options=opts, providers=[PROVIDER])
+            self._session = ort.InferenceSession(model if model is not None else str(path), sess_options=opts,
+                                                 providers=list(providers))
+            # no quiet retry on the CPU when a GPU provider fails at run time: the file fails
+            # with its error instead (a retry already made at load time is caught below)
+            self._session.disable_fallback()
             if model is not None:
                 # onnxruntime's wrapper keeps the serialized model "indefinitely" (its own TODO),
-                # only to rebuild the session on a provider fallback, which a CPU-only session
-                # never does: let the bytes go (10.7 MB for age-v1 in every worker).
+                # only to rebuild the session on a provider fallback, which is disabled above:
+                # let the bytes go (10.7 MB for age-v1 in every worker).
                 self._session._model_bytes = None
             del model
         except Exception as err:  # onnxruntime raises several unrelated types
@@ -88,8 +139,15 @@ class Session:
                 "check it with `forensic-gender models verify`"
             ) from err
         got = self._session.get_providers()
-        if not got or got[0] != PROVIDER:
-            raise ModelLoadError(f"{self.name}: asked for {PROVIDER}, onnxruntime gave {got}")
+        if not got or got[0] != providers[0]:
+            if providers[0] == PROVIDER:
+                raise ModelLoadError(f"{self.name}: asked for {PROVIDER}, onnxruntime gave {got}")
+            raise ModelLoadError(
+                f"{self.name}: asked onnxruntime for {providers[0]} first, the session runs on {got}: "
+                f"{providers[0]} is installed but did not start (see onnxruntime's message above: driver, CUDA or "
+                f"cuDNN libraries, GPU memory); {GPU_HELP}, or leave it out of pipeline.providers"
+            )
+        self.providers = tuple(got)
         have_in = {i.name: len(i.shape) for i in self._session.get_inputs()}
         have_out = [o.name for o in self._session.get_outputs()]
         problems = [
