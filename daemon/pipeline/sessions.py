@@ -30,9 +30,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-import onnx
 import onnxruntime as ort
-from onnx import numpy_helper
 
 log = logging.getLogger(__name__)
 
@@ -199,6 +197,9 @@ def _trim_heap() -> None:
 def flush_denormals(path: str | Path) -> bytes | None:
     """The model at ``path`` serialized with its subnormal float32 weights set to zero, or None
     when it has none (or cannot be parsed: then onnxruntime reports the problem itself)."""
+    import onnx  # here, not at the top: its import costs every command 0.6 s of start-up
+    from onnx import numpy_helper
+
     try:
         model = onnx.load(str(path))
     except Exception:  # noqa: BLE001 - not an ONNX file: the session's own error is clearer
