@@ -31,12 +31,15 @@ EXTRAS: dict[str, tuple[str, ...]] = {"web": ("starlette", "jinja2", "uvicorn")}
 
 class _SafeFormatter(logging.Formatter):
     """Escapes control and bidi characters in the message (a file name cannot forge a log line
-    or clear a terminal); tracebacks keep their lines."""
+    or clear a terminal); tracebacks keep their lines. Loggers are shown under the product's
+    name (``forensic_gender.service``), not the import package's (``daemon.service``)."""
 
     def formatMessage(self, record: logging.LogRecord) -> str:  # noqa: N802 (logging's name)
         from daemon.paths import show
 
         record.message = show(record.message)
+        if record.name == "daemon" or record.name.startswith("daemon."):
+            record.name = "forensic_gender" + record.name[len("daemon") :]
         return super().formatMessage(record)
 
 
