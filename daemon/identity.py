@@ -50,22 +50,6 @@ def distances(X: Vectors, q: Floats, *, block: int = 262_144) -> Floats:  # noqa
     return np.sqrt(np.maximum(out, 0.0, out=out), out=out)
 
 
-def nearest(X: Vectors, q: Floats, k: int, max_distance: float | None = None) -> tuple[Ints, Floats]:  # noqa: N803
-    """Indices and distances of the ``k`` rows nearest ``q`` (nearest first; ties by index),
-    optionally only those within ``max_distance``."""
-    d = distances(X, q)
-    if max_distance is not None:
-        idx = np.flatnonzero(d <= max_distance)
-    else:
-        idx = np.arange(len(d))
-    if len(idx) > k:
-        part = np.argpartition(d[idx], k - 1)[:k]
-        idx = idx[part]
-    order = np.lexsort((idx, d[idx]))
-    idx = idx[order].astype(np.int64)
-    return idx, d[idx]
-
-
 @dataclass(frozen=True)
 class Graph:
     """Undirected neighbour graph in CSR form: the neighbours of node ``i`` are

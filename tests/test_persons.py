@@ -69,12 +69,6 @@ def test_pair_scores_and_adjusted_rand_on_known_values() -> None:
     assert identity.adjusted_rand(np.array([0, 0, 1, 1]), np.array([0, 1, 0, 1])) == pytest.approx(-0.5)
 
 
-def test_nearest_is_ordered_and_bounded() -> None:
-    X = np.stack([face_vec(0, k) for k in range(4)] + [face_vec(1, 0)]).astype(np.float16)  # noqa: N806
-    idx, d = identity.nearest(X, face_vec(0, 0), 10, 0.6)
-    assert idx[0] == 0 and d[0] < 1e-2 and list(d) == sorted(d) and 4 not in idx.tolist()
-
-
 # -- the store, both databases -------------------------------------------------------------------
 
 

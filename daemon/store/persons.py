@@ -48,7 +48,6 @@ from sqlalchemy import (
     Text,
     delete,
     exists,
-    func,
     insert,
     select,
     update,
@@ -524,11 +523,3 @@ def rename(engine: Engine, person_id: int, name: str | None, *, reviewer: str | 
 
 def _touch(conn: Connection, person_id: int) -> None:
     conn.execute(update(persons).where(persons.c.id == person_id).values(updated=time.time()))
-
-
-def counts(conn: Connection) -> dict[str, int]:
-    """Persons in use and faces placed (for status)."""
-    return {
-        "persons": conn.execute(select(func.count(func.distinct(face_persons.c.person_id)))).scalar_one(),
-        "placed_faces": conn.execute(select(func.count()).select_from(face_persons)).scalar_one(),
-    }
