@@ -215,8 +215,8 @@ def run_export(url: str) -> list[tuple[str, float, int, str]]:
     """Whole-database exports to /dev/null: timed untraced; then the CSV export again under
     tracemalloc for its peak Python memory (tracing slows it several times)."""
     from daemon.queries import read, vics
-    from daemon.queries.cli import FACE_COLUMNS, _media_groups, face_record, write_csv
     from daemon.queries.filters import Cut, Filters
+    from daemon.queries.formats import FACE_COLUMNS, _media_groups, face_record, write_csv
 
     def export(fmt: str) -> int:
         with open(os.devnull, "w") as sink, engine.connect() as c, engine.connect() as side:

@@ -406,7 +406,7 @@ class Service:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from daemon.cli import setup_logging
+    from daemon.logs import setup_logging
 
     def load() -> Config:
         return build_config(args.config, args.watch, args.db)

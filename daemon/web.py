@@ -518,7 +518,7 @@ def create_app(cfg: Config, *, review: bool = True, hosts: tuple[str, ...] = ("1
             px = _pixels(src, lambda full: DISPLAY_SIDE)
         except media.MediaError as err:
             return _media_error(err)
-        from daemon.queries.cli import _faces_to_draw
+        from daemon.queries.formats import _faces_to_draw
 
         k = px.scale
         faces = [{**d, "box": tuple(v * k for v in d["box"]), "landmarks": [[x * k, y * k] for x, y in d["landmarks"]]}
@@ -631,7 +631,7 @@ def _q(f: flt.Filters) -> dict:
 
 
 def _iso(ts: float | None) -> str:
-    from daemon.queries.cli import iso
+    from daemon.queries.formats import iso
 
     return iso(ts) or "-"
 

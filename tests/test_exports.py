@@ -20,7 +20,7 @@ from sqlalchemy import insert
 
 from daemon.cli import main
 from daemon.queries import read
-from daemon.queries.cli import FACE_COLUMNS, csv_cell, face_record, write_csv
+from daemon.queries.formats import FACE_COLUMNS, csv_cell, face_record, write_csv
 from daemon.queries.filters import Cut, Filters
 from daemon.store import schema as s
 from daemon.store.engine import open_engine, open_store_engine
@@ -130,7 +130,7 @@ class _Null(io.TextIOBase):
 
 def _peak_export(url: str, fmt: str) -> tuple[int, int]:
     from daemon.queries import vics
-    from daemon.queries.cli import _media_groups, write_json
+    from daemon.queries.formats import _media_groups, write_json
 
     engine = open_engine(url, readonly=True)
     tracemalloc.start()
@@ -248,7 +248,7 @@ def test_analyze_annotate_never_writes_onto_evidence(tmp_path: Path, models_read
     """``analyze --annotate``: an annotated copy whose name is already a hard link to the input
     (or a symbolic link) is refused, exit 2, the input unchanged (content, mtime, inode); a
     folder inside the input's folder is refused before anything is created."""
-    from daemon.cli import _annotated_name
+    from daemon.cli.analyze import _annotated_name
 
     ev = make_evidence(f"sqlite:///{tmp_path / 'unused.db'}", tmp_path, {})
     img = ev.root / "in.jpg"

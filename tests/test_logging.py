@@ -6,7 +6,7 @@ import logging
 
 import pytest
 
-from daemon.cli import setup_logging
+from daemon.logs import setup_logging
 
 
 def test_log_lines_name_the_product_and_escape_control_characters(capsys: pytest.CaptureFixture[str]) -> None:

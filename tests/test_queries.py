@@ -514,7 +514,7 @@ def test_faces_command_formats(real_db, capsys) -> None:  # noqa: ANN001
     assert re.match(r"5 of \d+ matching face\(s\) shown \(cut: threshold 0\.5, margin 0\.2\); more with --offset 5", lines[-1])
     code, out, _ = _cli(capsys, "faces", *db, "--gender", "female", "--limit", "0", "--format", "csv")
     rows = list(csv.DictReader(io.StringIO(out)))
-    from daemon.queries.cli import FACE_COLUMNS
+    from daemon.queries.formats import FACE_COLUMNS
 
     assert tuple(rows[0].keys()) == FACE_COLUMNS and {r["gender"] for r in rows} == {"female"}
     code, out, _ = _cli(capsys, "faces", *db, "--gender", "female", "--limit", "0", "--format", "json")

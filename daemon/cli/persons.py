@@ -5,42 +5,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
-from collections.abc import Callable
 from typing import Any
 
+from daemon.cli.errors import CliError, guarded
 from daemon.paths import show
-
-Command = Callable[[argparse.Namespace], int]
-
-
-class _FailError(Exception):
-    def __init__(self, message: str, code: int = 2) -> None:
-        super().__init__(message)
-        self.code = code
-
-
-def _guard(cmd: Command) -> Command:
-    """Errors for the user become one line and an exit code (2 usage/input, 1 not found)."""
-    from daemon.identity_eval import IdentityEvalError
-    from daemon.pipeline.images import ImageError
-    from daemon.queries.similar import SimilarError
-    from daemon.store.persons import PersonError
-
-    def run(args: argparse.Namespace) -> int:
-        try:
-            return cmd(args)
-        except _FailError as err:
-            print(f"forensic-gender {args.command}: {show(str(err))}", file=sys.stderr)
-            return err.code
-        except (PersonError, SimilarError, IdentityEvalError, ImageError) as err:
-            print(f"forensic-gender {args.command}: {show(str(err))}", file=sys.stderr)
-            return 2
-        except BrokenPipeError:
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-            return 0
-
-    return run
 
 
 def _positive(value: str) -> int:
@@ -70,7 +38,7 @@ def cmd_similar(args: argparse.Namespace) -> int:
     from daemon.store.engine import open_engine
 
     if (args.photo is None) == (args.face_id is None):
-        raise _FailError("give a PHOTO or --face-id ID (one of them)")
+        raise CliError("give a PHOTO or --face-id ID (one of them)")
     cfg = load_config(args)
     vector, label = None, ""
     if args.photo is not None:
@@ -149,16 +117,16 @@ def _photo_descriptor(photo: str, cfg: Any, choice: int | None) -> tuple[Any, st
     res = pipe.analyze_file(photo)
     faces = res.faces
     if not faces:
-        raise _FailError(f"no face found in {photo}; try a larger or sharper photo, or search by a stored face with --face-id", 1)
+        raise CliError(f"no face found in {photo}; try a larger or sharper photo, or search by a stored face with --face-id", 1)
     if choice is None and len(faces) > 1:
         listing = "; ".join(f"--face {k}: box {[round(v) for v in fc.box]} width {fc.width_px:.0f} px" for k, fc in enumerate(faces))
-        raise _FailError(f"{len(faces)} faces found in {photo}; choose one with --face N ({listing})")
+        raise CliError(f"{len(faces)} faces found in {photo}; choose one with --face N ({listing})")
     k = choice or 0
     if not 0 <= k < len(faces):
-        raise _FailError(f"--face {k}: {photo} has faces 0 to {len(faces) - 1}")
+        raise CliError(f"--face {k}: {photo} has faces 0 to {len(faces) - 1}")
     blob = faces[k].descriptor
     if blob is None:
-        raise _FailError("the face backbone is disabled in this configuration (pipeline.backbone.enabled: false); enable it to search by face")
+        raise CliError("the face backbone is disabled in this configuration (pipeline.backbone.enabled: false); enable it to search by face")
     return np.frombuffer(blob, "<f2").astype(np.float32), f"face {k} of {photo}"
 
 
@@ -284,11 +252,11 @@ def register_cli(sub: Any) -> None:
         help="read every descriptor from the database (by default they are kept in $XDG_CACHE_HOME/forensic-gender between runs)",
     )
     add_config_args(p)
-    p.set_defaults(func=_guard(cmd_similar))
+    p.set_defaults(func=guarded(cmd_similar))
 
     p = sub.add_parser("recluster", help="rebuild the persons of all current faces from scratch (keeps the examiner's decisions)")
     add_config_args(p)
-    p.set_defaults(func=_guard(cmd_recluster))
+    p.set_defaults(func=guarded(cmd_recluster))
 
     p = sub.add_parser("persons", help="list persons; name, merge and split them (decisions are audited and survive recluster)")
     add_config_args(p)
@@ -314,7 +282,7 @@ def register_cli(sub: Any) -> None:
         # also after the action; SUPPRESS keeps a value given before it
         q.add_argument("--config", metavar="FILE", default=argparse.SUPPRESS, help="YAML configuration (see config.example.yaml)")
         q.add_argument("--db", metavar="URL", default=argparse.SUPPRESS, help="database URL (overrides the configuration)")
-    p.set_defaults(func=_guard(cmd_persons), action="list", min_faces=2, limit=100, format="table")
+    p.set_defaults(func=guarded(cmd_persons), action="list", min_faces=2, limit=100, format="table")
 
     p = sub.add_parser("evaluate-identity", help="verification and clustering accuracy on identity-labelled faces (e.g. dev lfw)")
     p.add_argument("folder", metavar="DIR", help="a folder with images/ and labels.csv (columns file, person)")
@@ -323,4 +291,4 @@ def register_cli(sub: Any) -> None:
     p.add_argument("--out", metavar="FILE", help="also write the report as JSON")
     p.add_argument("--format", choices=("table", "json"), default="table")
     add_config_args(p, db=False)
-    p.set_defaults(func=_guard(cmd_evaluate_identity))
+    p.set_defaults(func=guarded(cmd_evaluate_identity))

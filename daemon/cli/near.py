@@ -4,15 +4,10 @@ slightly cropped versions of one picture), by their perceptual hash (:mod:`daemo
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 from typing import Any
 
+from daemon.cli.errors import CliError, guarded
 from daemon.paths import show
-
-
-class _FailError(Exception):
-    """A one-line message for the user; the command exits 2."""
 
 
 def _photo_hash(photo: str, cfg: Any) -> tuple[str, str]:
@@ -29,33 +24,22 @@ def _photo_hash(photo: str, cfg: Any) -> tuple[str, str]:
 
 
 def cmd_near(args: argparse.Namespace) -> int:
-    try:
-        return _near(args)
-    except _FailError as err:
-        print(f"forensic-gender near: {show(str(err))}", file=sys.stderr)
-        return 2
-    except BrokenPipeError:
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 0
-
-
-def _near(args: argparse.Namespace) -> int:
     from daemon.pipeline.images import ImageError
     from daemon.pipeline.phash import parse
     from daemon.store import nearcopies as nc
     from daemon.store.engine import open_engine
 
     if (args.photo is None) == (args.image is None):
-        raise _FailError("give a PHOTO or --image SHA256 (one of them)")
+        raise CliError("give a PHOTO or --image SHA256 (one of them)")
     try:
         k = nc.check_distance(args.distance) if args.distance is not None else nc.DEFAULT_DISTANCE
         limit = int(args.limit)
         if limit < 1:
             raise ValueError
     except nc.NearError as err:
-        raise _FailError(str(err)) from None
+        raise CliError(str(err)) from None
     except ValueError:
-        raise _FailError(f"--limit must be a positive whole number, got {args.limit!r}") from None
+        raise CliError(f"--limit must be a positive whole number, got {args.limit!r}") from None
     from daemon.cliargs import load_config
 
     cfg = load_config(args)
@@ -64,7 +48,7 @@ def _near(args: argparse.Namespace) -> int:
         try:
             h, sha = _photo_hash(args.photo, cfg)
         except ImageError as err:
-            raise _FailError(str(err)) from None
+            raise CliError(str(err)) from None
         label = args.photo
     engine = open_engine(cfg.database, readonly=True)
     try:
@@ -73,9 +57,9 @@ def _near(args: argparse.Namespace) -> int:
                 try:
                     exclude, sha, stored = nc.image_by_sha(conn, args.image)
                 except nc.NearError as err:
-                    raise _FailError(str(err)) from None
+                    raise CliError(str(err)) from None
                 if stored is None:
-                    raise _FailError(
+                    raise CliError(
                         f"image {sha[:16]} has no near-copy hash (it failed to decode, or was analysed before this version); "
                         "search by its file instead: forensic-gender near PATH"
                     )
@@ -147,4 +131,4 @@ def register_cli(sub: Any) -> None:
     p.add_argument("--limit", default="200", metavar="N", help="show at most N images (default 200)")
     p.add_argument("--format", choices=("table", "json"), default="table")
     add_config_args(p)
-    p.set_defaults(func=cmd_near)
+    p.set_defaults(func=guarded(cmd_near))

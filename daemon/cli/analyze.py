@@ -1,54 +1,43 @@
-"""The ``forensic-gender`` command. The only place that prints and the only place where
-library errors become messages and exit codes (0 ok, 1 some files failed, 2 usage/start-up)."""
+"""The local commands: ``scan`` (a folder into the database, then stop), ``analyze`` (single images,
+no database; ``--annotate`` writes annotated copies) and ``check-config``."""
 
 from __future__ import annotations
 
 import argparse
-import importlib
-import importlib.util
 import json
 import logging
 import os
 import sys
-from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
-from daemon import __version__
-from daemon import config as config_mod
+from daemon.cli.errors import guarded
 from daemon.cliargs import add_config_args, load_config
 from daemon.paths import show, to_db
 
+if TYPE_CHECKING:
+    from daemon import config as config_mod
+
 log = logging.getLogger("daemon")
 
-# Modules that add their own sub-commands with ``register_cli(subparsers)``, each with the extra
-# its commands need (None: the base install has all they import). ``register_cli`` must work
-# without that extra (the module imports it lazily): when the extra is missing, its commands are
-# stubs that say what to install. A module not present in a checkout is skipped.
-PLUGINS: dict[str, str | None] = {"daemon.models": None, "daemon.evaluate": None, "daemon.service": None, "daemon.queries.cli": None,
-                                  "daemon.persons_cli": None, "daemon.near_cli": None, "daemon.web": "web"}
-# What each extra of pyproject.toml's [project.optional-dependencies] that PLUGINS names installs (import names).
-EXTRAS: dict[str, tuple[str, ...]] = {"web": ("starlette", "jinja2", "uvicorn")}
 
+def register_cli(sub: Any) -> None:
+    p = sub.add_parser("scan", help="analyse every image under PATHs into the database, then stop")
+    p.add_argument("paths", nargs="+", metavar="PATH")
+    add_config_args(p)
+    p.add_argument("--workers", type=int, default=0, help="worker processes (default: one per core)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=guarded(cmd_scan))
 
-class _SafeFormatter(logging.Formatter):
-    """Escapes control and bidi characters in the message (a file name cannot forge a log line
-    or clear a terminal); tracebacks keep their lines. Loggers are shown under the product's
-    name (``forensic_gender.service``), not the import package's (``daemon.service``)."""
+    p = sub.add_parser("analyze", help="analyse single images and print the faces (no database)")
+    p.add_argument("images", nargs="+", metavar="IMAGE")
+    add_config_args(p, db=False)
+    p.add_argument("--json", action="store_true", help="one JSON document per image")
+    p.add_argument("--annotate", metavar="OUT_DIR", help="write annotated copies into OUT_DIR (never next to the input)")
+    p.set_defaults(func=guarded(cmd_analyze))
 
-    def formatMessage(self, record: logging.LogRecord) -> str:  # noqa: N802 (logging's name)
-        from daemon.paths import show
-
-        record.message = show(record.message)
-        if record.name == "daemon" or record.name.startswith("daemon."):
-            record.name = "forensic_gender" + record.name[len("daemon") :]
-        return super().formatMessage(record)
-
-
-def setup_logging(level: str = "INFO") -> None:
-    """Log to stderr; without timestamps under systemd (journald adds them)."""
-    fmt = "%(levelname)s %(name)s: %(message)s" if os.environ.get("JOURNAL_STREAM") else "%(asctime)s %(levelname)s %(name)s: %(message)s"
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(_SafeFormatter(fmt))
-    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO), handlers=[handler], force=True)
+    p = sub.add_parser("check-config", help="validate a configuration file (for ExecStartPre=)")
+    add_config_args(p)
+    p.set_defaults(func=guarded(cmd_check_config))
 
 
 def _annotate_guard(inputs: list[str], cfg: config_mod.Config):  # noqa: ANN202
@@ -101,6 +90,7 @@ def _annotated_name(path: str, sha256: str) -> bytes:
 
 
 def cmd_analyze(args: argparse.Namespace) -> int:
+    """An output refused (:class:`daemon.queries.output.OutputError`) is reported by :func:`guarded`."""
     from daemon.pipeline.analyze import load_pipeline
     from daemon.queries import output
 
@@ -112,15 +102,8 @@ def cmd_analyze(args: argparse.Namespace) -> int:
             guard = _annotate_guard(inputs, cfg)
             engine, conn, recorded = _recorded_evidence(cfg)
             guard.roots, guard.conn = list(dict.fromkeys([*guard.roots, *recorded])), conn
-            try:
-                dfd = output.open_dir(args.annotate, guard, "--annotate")
-            except output.OutputError as err:
-                print(f"forensic-gender analyze: {show(err.message)}", file=sys.stderr)
-                return 2
+            dfd = output.open_dir(args.annotate, guard, "--annotate")
         return _analyze(args, cfg, inputs, load_pipeline(cfg.pipeline), guard, dfd)
-    except output.OutputError as err:
-        print(f"forensic-gender analyze: {show(err.message)}", file=sys.stderr)
-        return 2
     finally:
         if dfd is not None:
             os.close(dfd)
@@ -219,110 +202,3 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     cfg = load_config(args)
     print(f"{args.config or '(defaults)'}: ok; database {cfg.database}; {len(cfg.watch.roots)} watched root(s)")
     return 0
-
-
-def _preflight(args: argparse.Namespace) -> None:
-    """Checks before a command starts anything it cannot undo: ``run`` on a SQLite database
-    whose file or folder this user cannot write is refused here (a :class:`StoreError` that says
-    what to do), before the service creates its lock file beside the database."""
-    if args.command == "run":
-        from daemon.store.engine import require_writable
-
-        try:
-            cfg = load_config(args, check_paths=False)
-        except config_mod.ConfigError:
-            return  # the service reports every problem of its configuration itself
-        require_writable(cfg.database)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="forensic-gender", description="Forensic image triage: faces, gender and age.")
-    parser.add_argument("--version", action="version", version=f"forensic-gender {__version__}")
-    parser.add_argument("--log-level", default=None, help="DEBUG, INFO, WARNING or ERROR")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    p = sub.add_parser("scan", help="analyse every image under PATHs into the database, then stop")
-    p.add_argument("paths", nargs="+", metavar="PATH")
-    add_config_args(p)
-    p.add_argument("--workers", type=int, default=0, help="worker processes (default: one per core)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.set_defaults(func=cmd_scan)
-
-    p = sub.add_parser("analyze", help="analyse single images and print the faces (no database)")
-    p.add_argument("images", nargs="+", metavar="IMAGE")
-    add_config_args(p, db=False)
-    p.add_argument("--json", action="store_true", help="one JSON document per image")
-    p.add_argument("--annotate", metavar="OUT_DIR", help="write annotated copies into OUT_DIR (never next to the input)")
-    p.set_defaults(func=cmd_analyze)
-
-    p = sub.add_parser("check-config", help="validate a configuration file (for ExecStartPre=)")
-    add_config_args(p)
-    p.set_defaults(func=cmd_check_config)
-
-    for name, extra in PLUGINS.items():
-        try:
-            mod = importlib.import_module(name)
-        except ModuleNotFoundError as err:
-            if err.name and name.startswith(err.name):
-                continue
-            raise
-        missing = [m for m in EXTRAS.get(extra or "", ()) if importlib.util.find_spec(m) is None]
-        if not missing:
-            mod.register_cli(sub)
-            continue
-        probe = argparse.ArgumentParser(add_help=False).add_subparsers()
-        mod.register_cli(probe)  # only to learn the names of its commands
-        for command in probe.choices:
-            why = f"needs the {extra} extra ({', '.join(missing)} not installed): pip install 'forensic-gender[{extra}]'"
-            sub.add_parser(command, help=why)
-            sub.choices[command] = _ExtraMissing(command, why)
-    return parser
-
-
-class _ExtraMissing(argparse.ArgumentParser):
-    """A command whose extra is not installed: what follows its name (``--help`` too) is not
-    parsed; the command says which extra to install and exits 2."""
-
-    def __init__(self, command: str, message: str) -> None:
-        super().__init__(prog=f"forensic-gender {command}", add_help=False)
-        self.message = message
-
-    def parse_known_args(  # type: ignore[override]
-        self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
-    ) -> tuple[argparse.Namespace, list[str]]:
-        ns = namespace if namespace is not None else argparse.Namespace()
-        ns.func = self.refuse
-        return ns, []
-
-    def refuse(self, args: argparse.Namespace) -> int:
-        print(f"{self.prog}: {self.message}", file=sys.stderr)
-        return 2
-
-
-def main(argv: list[str] | None = None) -> int:
-    from daemon.models import ModelError
-    from daemon.pipeline.sessions import ModelLoadError
-    from daemon.store.engine import StoreError
-    from daemon.workers import WorkerStartError
-
-    args = build_parser().parse_args(argv)
-    setup_logging(args.log_level or "WARNING" if args.command not in ("run",) else args.log_level or "INFO")
-    try:
-        _preflight(args)
-        return int(args.func(args) or 0)
-    except config_mod.ConfigError as err:
-        print(f"forensic-gender: {err}", file=sys.stderr)
-    except (ModelError, ModelLoadError) as err:
-        print(f"forensic-gender: model problem: {err}", file=sys.stderr)
-    except WorkerStartError as err:
-        print(f"forensic-gender: the analysis workers could not start: {err}", file=sys.stderr)
-    except StoreError as err:
-        print(f"forensic-gender: {err}", file=sys.stderr)
-    except KeyboardInterrupt:
-        print("forensic-gender: interrupted", file=sys.stderr)
-        return 130
-    return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,0 +1,7 @@
+"""``python -m daemon.cli``: the ``forensic-gender`` command."""
+
+import sys
+
+from daemon.cli import main
+
+sys.exit(main())
