@@ -9,6 +9,9 @@ FairFace image (a group never straddles fit and test), on view 0 (the inference 
 * ``branch-l0``: a copy of dlib's top block (``level0``, initialised from dlib's weights) on the
   ``level1`` tensor, then pooling and a linear layer, fine-tuned;
 * ``branch-l1``: a copy of dlib's ``level1`` blocks and ``level0`` on the ``level2`` tensor;
+* ``ctx060-l0`` / ``ctx100-l0``: two copies of ``level0``, one on the face chip's ``level1`` and
+  one on a wider-context chip's (padding 0.6 / 1.0: hair, ears, neck; needs
+  ``training.features --contexts 0.6 1.0``); cross-validation only (they did not win);
 * ``+v1``: a candidate's logit averaged with gender-v1's.
 
 Training samples a random view per face (views 1.. are mirrored / degraded chips), balances
@@ -61,7 +64,7 @@ def load(cache: Path) -> dict[str, np.ndarray]:
         if not found:
             raise SystemExit(f"no features for {src} in {cache}: run `python -m training.features --sources {src}`")
         parts.append(dict(np.load(found[-1])))
-    keys = ("level1", "level2", "descriptor")
+    keys = ["level1", "level2", "descriptor"] + sorted(k for k in parts[0] if k.startswith("ctx"))
     out = {k: np.concatenate([p[k] for p in parts], axis=1) for k in keys}
     for k in ("labels", "group", "names", "width", "age", "race", "p_v1"):
         out[k] = np.concatenate([p[k] for p in parts])
@@ -128,6 +131,28 @@ class Branch(nn.Module):
         return self.fc(self.drop(y))[:, 0]
 
 
+class ContextBranch(nn.Module):
+    """Two copies of dlib's top block, one on the face chip's ``level1`` and one on a wider-context
+    chip's (hair, ears, neck), pooled, concatenated, one logit."""
+
+    def __init__(self, dropout: float = 0.3) -> None:
+        super().__init__()
+        self.start = "level1"
+        self.face, self.context = Block(256, 256, True), Block(256, 256, True)
+        self.drop = nn.Dropout(dropout)
+        self.fc = nn.Linear(512, 1)
+
+    def init_from_dlib(self) -> ContextBranch:
+        layers = _dlib_layers()
+        _load_block(self.face, layers, "level0.0")
+        _load_block(self.context, layers, "level0.0")
+        return self
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        y = torch.cat([self.face(x).mean(dim=(2, 3)), self.context(c).mean(dim=(2, 3))], dim=1)
+        return self.fc(self.drop(y))[:, 0]
+
+
 class Logistic(nn.Module):
     def __init__(self, dim: int) -> None:
         super().__init__()
@@ -141,6 +166,8 @@ CANDIDATES = {
     "desc-logistic": {"input": "descriptor", "epochs": 12, "lr": 3e-3, "batch": 256},
     "branch-l0": {"input": "level1", "epochs": 6, "lr": 3e-4, "batch": 128},
     "branch-l1": {"input": "level2", "epochs": 5, "lr": 2e-4, "batch": 128},
+    "ctx060-l0": {"input": "level1", "context": features.context_key(0.6), "epochs": 6, "lr": 3e-4, "batch": 128},
+    "ctx100-l0": {"input": "level1", "context": features.context_key(1.0), "epochs": 6, "lr": 3e-4, "batch": 128},
 }
 
 
@@ -148,11 +175,23 @@ def make(name: str) -> nn.Module:
     c = CANDIDATES[name]
     if c["input"] == "descriptor":
         return Logistic(128)
+    if "context" in c:
+        return ContextBranch().init_from_dlib()
     return Branch(c["input"]).init_from_dlib()
 
 
-def fit(name: str, x: np.ndarray, y: np.ndarray, w: np.ndarray, seed: int = 0) -> nn.Module:
-    """Train candidate ``name`` on ``x`` [views, n, ...] with sampling weights ``w``."""
+def inputs(name: str, d: dict[str, np.ndarray], rows: np.ndarray | slice = slice(None)) -> list[np.ndarray]:
+    """The candidate's input arrays [views, n, ...] (the face's, then the context's), rows selected."""
+    c = CANDIDATES[name]
+    keys = [k for k in (c["input"], c.get("context")) if k]
+    if any(k not in d for k in keys):
+        raise SystemExit(f"{name} reads {keys}: run `python -m training.features --contexts 0.6 1.0` first")
+    return [d[k][:, rows] for k in keys]
+
+
+def fit(name: str, xs: list[np.ndarray], y: np.ndarray, w: np.ndarray, seed: int = 0) -> nn.Module:
+    """Train candidate ``name`` on ``xs`` (each [views, n, ...]; a view drawn per face and input)
+    with sampling weights ``w``."""
     c = CANDIDATES[name]
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
@@ -164,11 +203,11 @@ def fit(name: str, x: np.ndarray, y: np.ndarray, w: np.ndarray, seed: int = 0) -
     net.train()
     for _ in range(c["epochs"]):
         idx = rng.choice(len(y), size=steps_per_epoch * c["batch"], p=w)
-        view = rng.integers(0, x.shape[0], len(idx))
+        views = [rng.integers(0, x.shape[0], len(idx)) for x in xs]
         for b in range(steps_per_epoch):
             sl = slice(b * c["batch"], (b + 1) * c["batch"])
-            xb = torch.from_numpy(x[view[sl], idx[sl]].astype(np.float32))
-            loss = F.binary_cross_entropy_with_logits(net(xb), yt[idx[sl]])
+            xb = [torch.from_numpy(x[v[sl], idx[sl]].astype(np.float32)) for x, v in zip(xs, views, strict=True)]
+            loss = F.binary_cross_entropy_with_logits(net(*xb), yt[idx[sl]])
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -177,9 +216,11 @@ def fit(name: str, x: np.ndarray, y: np.ndarray, w: np.ndarray, seed: int = 0) -
 
 
 @torch.no_grad()
-def logits(net: nn.Module, x: np.ndarray, batch: int = 1024) -> np.ndarray:
-    return np.concatenate([net(torch.from_numpy(x[i:i + batch].astype(np.float32))).numpy()
-                           for i in range(0, len(x), batch)])
+def logits(net: nn.Module, xs: list[np.ndarray], batch: int = 1024) -> np.ndarray:
+    """Logits for view 0 of each input (``xs`` as :func:`inputs` gives them)."""
+    n = xs[0].shape[1]
+    return np.concatenate([net(*(torch.from_numpy(x[0, i:i + batch].astype(np.float32)) for x in xs)).numpy()
+                           for i in range(0, n, batch)])
 
 
 def _logit(p: np.ndarray) -> np.ndarray:
@@ -231,9 +272,8 @@ def cross_validate(d: dict[str, np.ndarray], names: list[str]) -> dict:
         tr, te = fold != k, fold == k
         w = weights(d["source"][tr], y[tr])
         for n in names:
-            x = d[CANDIDATES[n]["input"]]
-            net = fit(n, x[:, tr], y[tr], w, seed=k)
-            oof[n][te] = logits(net, x[0, te])
+            net = fit(n, inputs(n, d, tr), y[tr], w, seed=k)
+            oof[n][te] = logits(net, inputs(n, d, te))
             log.info("fold %d %s done (%.0f s)", k, n, time.perf_counter() - t0)
     zv1 = _logit(d["p_v1"])
     table: dict[str, dict] = {"gender-v1": {"temperature": 1.0, "sources": source_table(d["p_v1"], d)}}
@@ -305,7 +345,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cache", type=Path, default=extract.DEFAULT_CACHE)
     ap.add_argument("--cv", nargs="*", default=None, metavar="CANDIDATE",
                     help=f"cross-validate these candidates (default all: {list(CANDIDATES)})")
-    ap.add_argument("--final", choices=list(CANDIDATES), help="fit on all train faces and write the ONNX branch")
+    ap.add_argument("--final", choices=[n for n, c in CANDIDATES.items() if "context" not in c],
+                    help="fit on all train faces and write the ONNX branch (the product reads no context chips)")
     ap.add_argument("--out", type=Path, default=ROOT / "models" / "gender-dlib-v1.onnx")
     a = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -325,7 +366,7 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"no cross-validation of {a.final} in {RUNS}: run `python -m training.branch --cv {a.final}` first")
         t = cv["candidates"][a.final]["temperature"]
         y = d["labels"].astype(np.int64)
-        net = fit(a.final, d[CANDIDATES[a.final]["input"]], y, weights(d["source"], y), seed=0)
+        net = fit(a.final, inputs(a.final, d), y, weights(d["source"], y), seed=0)
         sha = export(net, a.out, t)
         print(json.dumps({"wrote": str(a.out), "sha256": sha, "bytes": a.out.stat().st_size, "temperature": t}))
     return 0

@@ -7,7 +7,11 @@ jitter) and run through the converted dlib network (``daemon.dlibnet``) once per
 
 * view 0: the inference chip; view 1: the same chip mirrored;
 * views 2..: :func:`training.augment.augment` (jitter, flip, low resolution, blur, JPEG,
-  photometric, noise, occlusion), a different random draw per view (seeded).
+  photometric, noise, occlusion), a different random draw per view (seeded);
+* with ``--contexts 0.6 1.0``: wider-context chips (same transform, that padding instead of
+  0.25: hair, ears, neck), ``CONTEXT_VIEWS`` per padding (the clean chip, then an augmented draw),
+  ``level1`` only, for the ``ctx*`` candidates of :mod:`training.branch` (they did not beat the
+  face chip alone: models/gender-dlib-v1.md), so off by default (they double the extraction time).
 
 Stored per view: ``level2`` [128, 8, 8] and ``level1`` [256, 4, 4] (the trunk's outputs a gender
 branch may read, float16)
@@ -44,7 +48,14 @@ SOURCES = ("wider", "utkface", "lfw", "fairface")
 SIZE, PADDING, MARGIN = 150, 0.25, 15
 FEATURE = "level1"
 FEATURES = ("level2", "level1")
-VERSION = 1
+CONTEXTS: tuple[float, ...] = ()  # paddings of wider-context chips (--contexts 0.6 1.0; 1.0 covers twice the width)
+CONTEXT_VIEWS = 2  # per context padding: the clean chip and one augmented draw
+VERSION = 2
+
+
+def context_key(padding: float) -> str:
+    """The array name of the context chips' ``level1`` at ``padding`` (``ctx100_level1`` for 1.0)."""
+    return f"ctx{round(padding * 100):03d}_level1"
 
 
 def backbone_session(threads: int = 1) -> tuple[ort.InferenceSession, models.ModelSpec]:
@@ -64,8 +75,10 @@ def _extra(data: Path, src: str) -> dict[str, dict[str, str]]:
         return {f"{src}/{r['file']}": r for r in csv.DictReader(fh)}
 
 
-def run(data: Path, cache: Path, src: str, views: int, batch: int = 32, seed: int = 0) -> Path:
-    key = hashlib.sha256(json.dumps([VERSION, SIZE, PADDING, MARGIN, FEATURES, views, seed]).encode()).hexdigest()[:10]
+def run(data: Path, cache: Path, src: str, views: int, batch: int = 32, seed: int = 0,
+        contexts: tuple[float, ...] = CONTEXTS) -> Path:
+    key = hashlib.sha256(json.dumps([VERSION, SIZE, PADDING, MARGIN, FEATURES, views, seed, list(contexts),
+                                     CONTEXT_VIEWS]).encode()).hexdigest()[:10]
     dets_path = extract.detect_faces(data, cache, sources=(src,))
     out = cache / f"feats-{src}-{key}-{dets_path.stem.split('-')[-1]}.npz"
     if out.exists():
@@ -85,6 +98,7 @@ def run(data: Path, cache: Path, src: str, views: int, batch: int = 32, seed: in
     level1 = np.zeros((views, n, 256, 4, 4), np.float16)
     level2 = np.zeros((views, n, 128, 8, 8), np.float16)
     desc = np.zeros((views, n, 128), np.float32)
+    ctx = {c: np.zeros((CONTEXT_VIEWS, n, 256, 4, 4), np.float16) for c in contexts}
     p_v1 = np.zeros(n, np.float32)
     means, scale = np.array(spec.normalization.means, np.float32), spec.normalization.scale
     rng = np.random.default_rng(seed)
@@ -92,11 +106,14 @@ def run(data: Path, cache: Path, src: str, views: int, batch: int = 32, seed: in
     for start in range(0, n, batch):
         idx = range(start, min(n, start + batch))
         canv, small = [], []
+        ccanv: dict[float, list[np.ndarray]] = {c: [] for c in contexts}
         for k in idx:
             s, file = str(d["names"][k]).split("/", 1)
             bgr = extract._load_bgr(data / s / "images" / file)
             lm = d["landmarks"][k][None]
             canv.append(extract.padded_chips(bgr, lm, SIZE, MARGIN, PADDING)[0])
+            for c in contexts:
+                ccanv[c].append(extract.padded_chips(bgr, lm, SIZE, MARGIN, c)[0])
             small.append(align.align_faces(bgr, lm, 32)[0])
         p = g1s.run({g1.input.name: classify.normalize(np.stack(small), g1.normalization.means, g1.normalization.scale)})[0]
         p_v1[start:start + len(idx)] = np.asarray(p)[:, 1]
@@ -112,14 +129,21 @@ def run(data: Path, cache: Path, src: str, views: int, batch: int = 32, seed: in
             level2[v, start:start + len(idx)] = l2.astype(np.float16)
             desc[v, start:start + len(idx)] = de
             level1[v, start:start + len(idx)] = l1.astype(np.float16)
+        for c in contexts:
+            for v in range(CONTEXT_VIEWS):
+                chips = [augment.centre(cc, SIZE) if v == 0 else augment.augment(cc, SIZE, rng) for cc in ccanv[c]]
+                x = ((np.stack(chips)[..., ::-1].astype(np.float32) - means) * scale).transpose(0, 3, 1, 2)
+                (l1,) = sess.run(["level1"], {"chips": np.ascontiguousarray(x)})
+                ctx[c][v, start:start + len(idx)] = l1.astype(np.float16)
         if (start // batch) % 20 == 0:
             log.info("%s: %d/%d (%.0f s)", src, start + len(idx), n, time.perf_counter() - t0)
+    meta = {"source": src, "views": views, "seed": seed, "contexts": list(contexts), "context_views": CONTEXT_VIEWS}
     race = np.array([rows.get(str(nm), {}).get("race", "") for nm in d["names"]])
     tmp = out.with_suffix(".tmp.npz")
     np.savez(tmp, level1=level1, level2=level2, descriptor=desc, p_v1=p_v1, race=race,
+             **{context_key(c): a for c, a in ctx.items()},
              **{k: d[k] for k in ("labels", "source", "group", "names", "width", "age", "score", "blur")},
-             meta=np.array(json.dumps({"source": src, "views": views, "seed": seed, "seconds": time.perf_counter() - t0,
-                                       "detections": dets_path.name})))
+             meta=np.array(json.dumps({**meta, "seconds": time.perf_counter() - t0, "detections": dets_path.name})))
     tmp.replace(out)
     log.info("wrote %s (%d faces, %.0f s)", out, n, time.perf_counter() - t0)
     return out
@@ -131,10 +155,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cache", type=Path, default=extract.DEFAULT_CACHE)
     ap.add_argument("--sources", nargs="+", default=list(SOURCES), choices=SOURCES)
     ap.add_argument("--views", type=int, default=3)
+    ap.add_argument("--contexts", type=float, nargs="*", default=list(CONTEXTS),
+                    help="paddings of extra wider-context chips (the ctx* candidates of training.branch)")
     a = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     for src in a.sources:
-        print(run(a.data.resolve(), a.cache, src, a.views))
+        print(run(a.data.resolve(), a.cache, src, a.views, contexts=tuple(a.contexts)))
     return 0
 
 
