@@ -13,6 +13,7 @@ from sqlalchemy import Connection, Engine, MetaData, inspect, select, text
 
 from daemon import paths
 from daemon.store import engine as eng_mod
+from daemon.store import capture as cap
 from daemon.store import migrations
 from daemon.store import nearcopies as nc
 from daemon.store import persons as ps
@@ -98,6 +99,8 @@ def check_rows(conn: Connection, version: int) -> None:
     assert hashes == (["0" * 48] if version >= 7 else [None])
     index = nc.load_index(conn)  # an image analysed before version 7 counts as not hashed
     assert (len(index.ids), index.unhashed) == ((1, 0) if version >= 7 else (0, 1))
+    # images analysed before version 8 have no capture metadata (they get it when analysed again)
+    assert cap.has_table(conn) and conn.execute(select(cap.image_capture.c.image_id)).all() == []
     assert rv.has_reviews(conn) and ps.has_persons(conn) and nc.has_hash(conn)
 
 

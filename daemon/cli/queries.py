@@ -26,7 +26,7 @@ from typing import Any, TextIO
 
 from daemon.cli.errors import CliError, guarded
 from daemon.paths import show
-from daemon.queries.formats import FACE_COLUMNS, FORMAT_VERSION, IMAGE_COLUMNS, face_record, image_record, iso, write_csv, write_json, write_jsonl
+from daemon.queries.formats import FACE_COLUMNS, FORMAT_VERSION, IMAGE_COLUMNS, capture_line, face_record, image_record, iso, write_csv, write_json, write_jsonl
 from daemon.queries.output import json_text
 
 # --------------------------------------------------------------------------------------------
@@ -339,6 +339,7 @@ def show_record(d: dict) -> dict:
     return {
         "sha256": d["sha256"], "md5": d["md5"], "size": d["size"], "format": d["format"], "width": d["width"], "height": d["height"],
         "orientation": d["orientation"], "frames": d["frames"], "notes": d["notes"], "first_seen": iso(d["first_seen"]),
+        "capture": d.get("capture"),
         "paths": [{"path": p["path"], "root": p["root"], "state": p["state"], "reason": p["reason"], "error": p["error"],
                    "size": p["size"], "mtime": iso(p["mtime_ns"] / 1e9), "attempts": p["attempts"],
                    "first_seen": iso(p["first_seen"]), "last_seen": iso(p["last_seen"]), "updated": iso(p["updated"])} for p in d["paths"]],
@@ -361,6 +362,8 @@ def print_show(out: TextIO, d: dict, cut) -> None:  # noqa: ANN001
     w(f"sha256 {d['sha256']}\nmd5    {d['md5']}\n")
     w(f"{d['format'] or '?'} {d['width']}x{d['height']}, {d['size']} bytes, orientation {d['orientation']}, frames {d['frames']}"
       + (f", notes: {show(d['notes'])}" if d["notes"] else "") + f"; first seen {d['first_seen']}\n")
+    if d.get("capture"):
+        w(show(capture_line(d["capture"])) + "\n")
     w(f"paths ({len(d['paths'])}):\n")
     for p in d["paths"]:
         extra = f" ({show(p['reason'])}: {show(p['error'])})" if p["reason"] else ""

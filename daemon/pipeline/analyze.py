@@ -21,6 +21,7 @@ import numpy as np
 from daemon import models as model_store
 from daemon.config import PipelineConfig
 from daemon.pipeline import align, classify, detect, images, phash
+from daemon.pipeline.exif import Capture
 from daemon.pipeline.sessions import PROVIDER, ModelLoadError, Session, check_probabilities, choose_providers
 
 log = logging.getLogger(__name__)
@@ -74,6 +75,7 @@ class ImageResult:
     faces: tuple[Face, ...]
     seconds: dict[str, float] = field(default_factory=dict)
     near_hash: str | None = None  # perceptual hash of the decoded, upright image (daemon.pipeline.phash)
+    capture: Capture | None = None  # EXIF: when, on which device, where (daemon.pipeline.exif)
 
 
 @dataclass(frozen=True)
@@ -237,6 +239,7 @@ class Pipeline:
             path=path, size=fb.size, sha256=fb.sha256, md5=fb.md5, mtime_ns=fb.mtime_ns,
             format=dec.format, width=dec.width, height=dec.height, orientation=dec.orientation,
             frames=dec.frames, notes=tuple(dec.notes), faces=tuple(faces), seconds=secs, near_hash=near,
+            capture=dec.capture,
         )
 
     def analyze_array(self, bgr: np.ndarray, scale: float = 1.0) -> tuple[list[Face], dict[str, float]]:

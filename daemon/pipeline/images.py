@@ -89,8 +89,9 @@ import os
 import re
 import stat
 import struct
+import warnings
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import cv2
@@ -98,6 +99,7 @@ import numpy as np
 from PIL import Image, ImageFile, features
 
 from daemon.pipeline import heif
+from daemon.pipeline.exif import Capture, capture
 
 log = logging.getLogger(__name__)
 
@@ -185,6 +187,7 @@ class Decoded:
     orientation: int
     frames: int
     notes: tuple[str, ...]
+    capture: Capture | None = None  # when, on which device, where (daemon.pipeline.exif)
 
 
 # --------------------------------------------------------------------------------------------
@@ -704,6 +707,7 @@ class _Probe:
     mode: str  # Pillow's mode for the first frame, e.g. "RGB", "CMYK", "I;16"
     notes: tuple[str, ...]
     bits: int = 8  # bits per sample where the reader says (HEIC), else 8
+    capture: Capture | None = None  # when, on which device, where (EXIF)
 
 
 def _orientation_from_exif(exif: Image.Exif | None, notes: list[str]) -> int:
@@ -716,22 +720,34 @@ def _orientation_from_exif(exif: Image.Exif | None, notes: list[str]) -> int:
     return 1
 
 
-def _read_orientation(fmt: str, data: bytes, im: Image.Image, notes: list[str]) -> int:
+def _exif_facts(read: Callable[[], Image.Exif | None], notes: list[str]) -> tuple[int, Capture | None]:
+    """Orientation and capture metadata from the EXIF block ``read`` returns; what Pillow warns
+    about while parsing it (tags pointing past the file, ...) becomes a note, never an error."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        exif = read()
+        orientation = _orientation_from_exif(exif, notes)
+        meta = capture(exif, notes)
+    notes.extend(dict.fromkeys(f"EXIF: {str(w.message)[:120]}" for w in caught))
+    return orientation, meta
+
+
+def _read_exif(fmt: str, data: bytes, im: Image.Image, notes: list[str]) -> Image.Exif | None:
     try:
         if fmt == "png":  # Pillow's PNG getexif() may decode the whole image; find eXIf ourselves
             for ctype, payload in _png_chunks(data, verify=False):
                 if ctype == b"eXIf":
                     exif = Image.Exif()
                     exif.load(bytes(payload))
-                    return _orientation_from_exif(exif, notes)
-            return 1
-        return _orientation_from_exif(im.getexif(), notes)
+                    return exif
+            return None
+        return im.getexif()
     except ImageError:
-        return 1  # structure problems are reported by decode(); the header stays usable
+        return None  # structure problems are reported by decode(); the header stays usable
     except Exception as err:  # a broken EXIF block must not make the image unreadable
         notes.append(f"unreadable EXIF ignored ({type(err).__name__})")
         log.debug("unreadable EXIF ignored: %r", err)
-        return 1
+        return None
 
 
 def _count_frames(fmt: str, data: bytes, im: Image.Image, notes: list[str]) -> int | None:
@@ -779,21 +795,25 @@ def _probe_heif(data: bytes) -> _Probe:
         except heif.HeifDataError as structural:
             raise _heif_error("heic", structural) from err
         raise _corrupt("heic", f"the header cannot be read ({type(err).__name__}: {err})") from err
-    exif = None
-    if info.exif:
+
+    def read() -> Image.Exif | None:
+        if not info.exif:
+            return None
         try:
             exif = Image.Exif()
             exif.load(info.exif)
+            return exif
         except Exception as err:  # a broken EXIF block must not make the image unreadable
             notes.append(f"unreadable EXIF ignored ({type(err).__name__})")
-            exif = None
-    orientation = _orientation_from_exif(exif, notes)
+            return None
+
+    orientation, meta = _exif_facts(read, notes)
     width, height = (info.height, info.width) if orientation >= 5 else (info.width, info.height)
     if width <= 0 or height <= 0:
         raise _corrupt("heic", f"the header declares {width}x{height} pixels")
     if info.primary:
         notes.append(f"primary image (number {info.primary + 1} of {info.frames}) analysed")
-    return _Probe(Header("heic", width, height, info.frames, orientation), info.mode, tuple(notes), info.bit_depth)
+    return _Probe(Header("heic", width, height, info.frames, orientation), info.mode, tuple(notes), info.bit_depth, meta)
 
 
 def _probe(data: bytes) -> _Probe:
@@ -802,22 +822,27 @@ def _probe(data: bytes) -> _Probe:
         return _probe_heif(data)
     notes: list[str] = []
     try:
-        with Image.open(io.BytesIO(data), formats=[fmt.upper()]) as im:
-            width, height = im.size
-            if fmt == "tiff":  # Pillow reports TIFF sizes already rotated by the Orientation tag
-                width, height = im.tag_v2.get(256, width), im.tag_v2.get(257, height)
-            mode = im.mode
-            orientation = _read_orientation(fmt, data, im, notes)
-            frames = _count_frames(fmt, data, im, notes)
+        # Pillow parses the EXIF block while opening a JPEG (for its resolution): a warning there
+        # (a tag pointing past the file) is noted by _exif_facts' rule, never an error
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            with Image.open(io.BytesIO(data), formats=[fmt.upper()]) as im:
+                width, height = im.size
+                if fmt == "tiff":  # Pillow reports TIFF sizes already rotated by the Orientation tag
+                    width, height = im.tag_v2.get(256, width), im.tag_v2.get(257, height)
+                mode = im.mode
+                orientation, meta = _exif_facts(lambda: _read_exif(fmt, data, im, notes), notes)
+                frames = _count_frames(fmt, data, im, notes)
+        notes.extend(dict.fromkeys(f"EXIF: {str(w.message)[:120]}" for w in caught))
     except Exception as err:
         ihdr = _png_ihdr(data) if fmt == "png" else None
         if ihdr is None:
             raise _header_error(fmt, data, err) from err
         log.debug("Pillow cannot open this PNG (%r); using its IHDR", err)
-        (width, height), mode, orientation, frames = ihdr, "", 1, None
+        (width, height), mode, orientation, frames, meta = ihdr, "", 1, None, None
     if width <= 0 or height <= 0:
         raise _corrupt(fmt, f"the header declares {width}x{height} pixels")
-    return _Probe(Header(fmt, width, height, frames, orientation), mode, tuple(notes))
+    return _Probe(Header(fmt, width, height, frames, orientation), mode, tuple(notes), capture=meta)
 
 
 def read_header(data: bytes) -> Header:
@@ -1014,4 +1039,5 @@ def decode(data: bytes, *, max_pixels: int = 100_000_000, min_side_hint: int | N
         orientation=h.orientation,
         frames=frames,
         notes=tuple(dict.fromkeys(notes)),
+        capture=probe.capture,
     )

@@ -27,6 +27,10 @@ Rules (documented here once; docs/ANALYST.md repeats them for analysts)
     Dates: ``2024-05-01``, ``2024-05-01T13:30``, ``...Z`` or ``...+02:00`` (naive = local time),
     seconds since the epoch, or relative ``90m``, ``36h``, ``7d`` (that long before now).
 ``sha256`` - full hash or a prefix of at least 6 hex digits.
+``taken_from`` / ``taken_to`` - the capture time the image's EXIF records (DateTimeOriginal, by
+    the camera's own clock, no zone), at or after / before ``2024-05-01`` or ``2024-05-01T13:30``.
+    ``device`` - the camera make or model contains the text (case-insensitive); ``has_gps`` - the
+    EXIF records a position. Images without capture metadata never match these.
 ``bundle`` - ``latest`` (default: each image's most recent analysis), ``all`` (every analysis),
     or a bundle key (or a prefix of one).
 ``review`` - ``reviewed``, ``unreviewed``, ``confirmed``, ``corrected`` or ``ignored``.
@@ -104,6 +108,10 @@ class Filters:
     status: tuple[str, ...] = ()
     reason: tuple[str, ...] = ()
     review: tuple[str, ...] = ()
+    taken_from: str | None = None
+    taken_to: str | None = None
+    device: tuple[str, ...] = ()
+    has_gps: bool = False
     sort: str = "path"
     limit: int | None = None
     offset: int = 0
@@ -123,6 +131,11 @@ class Filters:
         return any((self.gender, self.final_gender, self.p_male_min is not None, self.p_male_max is not None,
                     self.uncertain, self.age_min is not None, self.age_max is not None, self.minors,
                     self.width_min is not None, self.width_max is not None, self.score_min is not None, self.review))
+
+    @property
+    def capture_level(self) -> bool:
+        """Whether any filter is about the capture metadata (EXIF) of the images."""
+        return any((self.taken_from is not None, self.taken_to is not None, self.device, self.has_gps))
 
     @property
     def file_level(self) -> bool:
@@ -396,7 +409,10 @@ def glob_match(pattern: str | None, path: str | None) -> bool | None:
 # --------------------------------------------------------------------------------------------
 # Parsing
 
-_MULTI = {"gender", "final_gender", "path_prefix", "path_glob", "root", "sha256", "status", "reason", "review"}
+_MULTI = {"gender", "final_gender", "path_prefix", "path_glob", "root", "sha256", "status", "reason", "review", "device"}
+_BOOLS = {"uncertain", "has_gps"}
+_TAKEN = {"taken_from", "taken_to"}
+_TAKEN_FORM = re.compile(r"^(\d{4})-(\d{2})-(\d{2})(?:[T ](\d{2}):(\d{2})(?::(\d{2}))?)?$")
 _FLOATS = {"p_male_min", "p_male_max", "threshold", "margin", "age_min", "age_max", "minor_k", "width_min", "width_max", "score_min"}
 _DATES = {"seen_since", "seen_until"}
 _HEX = re.compile(r"^[0-9a-f]+$")
@@ -445,6 +461,19 @@ def parse_when(text: str, now: float | None = None) -> float:
         raise ValueError(f"must be a date such as 2024-05-01 or 2024-05-01T13:30Z, epoch seconds, or 36h / 7d ago, got {text[:80]!r}") from err
 
 
+def parse_taken(text: str) -> str:
+    """A camera-local capture time as the stored text (``2024-05-01T00:00:00``); no zone, because
+    ``taken_at`` is the time the camera's clock showed."""
+    m = _TAKEN_FORM.match(text.strip())
+    if m:
+        y, mo, d, h, mi, sec = (int(g or 0) for g in m.groups())
+        try:
+            return datetime(y, mo, d, h, mi, sec).strftime("%Y-%m-%dT%H:%M:%S")
+        except ValueError:
+            pass
+    raise ValueError(f"must be a camera-local date such as 2024-05-01 or 2024-05-01T13:30 (no zone), got {text[:80]!r}")
+
+
 def parse_int(text: str, *, low: int = 0, high: int = MAX_INT) -> int:
     """A whole number in [low, high] written in ASCII digits; ValueError saying the range."""
     t = text.strip()
@@ -478,7 +507,7 @@ def parse(values: Mapping[str, Sequence[str] | str] | Iterable[tuple[str, str]],
             problems.append(f"{key[:60]}: unknown filter; known filters are {', '.join(OPTION.values())}")
             continue
         text = str(text) if name in ("after", "before") else str(text).strip()
-        if text == "" and name != "uncertain":
+        if text == "" and name not in _BOOLS:
             continue
         opt = OPTION[name]
         try:
@@ -501,7 +530,9 @@ def parse(values: Mapping[str, Sequence[str] | str] | Iterable[tuple[str, str]],
                 kw[name] = parse_when(text, now)
                 if not re.fullmatch(r"[\d.]+", text):
                     raw[name] = text
-            elif name == "uncertain":
+            elif name in _TAKEN:
+                kw[name] = parse_taken(text)
+            elif name in _BOOLS:
                 low = text.lower()
                 if low not in _TRUE | _FALSE:
                     raise ValueError(f"must be true or false, got {text[:40]!r}")
@@ -583,6 +614,10 @@ def _one(name: str, text: str) -> str:
         return low
     if name == "root":
         return text.rstrip("/") or "/"
+    if name == "device":
+        if len(text) > 200:
+            raise ValueError(f"must be at most 200 characters (a camera make or model), got {len(text)}")
+        return text
     if name == "path_glob":
         compile_glob(text)  # a bad class range or an over-long pattern is refused here, not in SQL
     return text  # path_prefix, path_glob
@@ -591,7 +626,8 @@ def _one(name: str, text: str) -> str:
 def check(f: Filters) -> list[str]:
     """Consistency problems of already-typed filters (ranges, the cut)."""
     out = []
-    for lo, hi in (("p_male_min", "p_male_max"), ("age_min", "age_max"), ("width_min", "width_max"), ("seen_since", "seen_until")):
+    for lo, hi in (("p_male_min", "p_male_max"), ("age_min", "age_max"), ("width_min", "width_max"), ("seen_since", "seen_until"),
+                   ("taken_from", "taken_to")):
         a, b = getattr(f, lo), getattr(f, hi)
         if a is not None and b is not None and a > b:
             out.append(f"{OPTION[lo]}/{OPTION[hi]}: the range is empty ({a} > {b})")
@@ -647,6 +683,10 @@ _HELP = {
     "seen_until": "path first seen before WHEN", "sha256": "content hash or a prefix (>= 6 hex digits)",
     "bundle": "latest (default), all, or a model bundle key", "status": "file state: " + ", ".join(FILE_STATES),
     "reason": "failure reason (truncated, not_an_image, ...)", "review": "reviewed, unreviewed, confirmed, corrected, ignored",
+    "taken_from": "taken at or after WHEN by the camera's clock (EXIF DateTimeOriginal; 2024-05-01 or 2024-05-01T13:30)",
+    "taken_to": "taken before WHEN by the camera's clock",
+    "device": "camera make or model contains TEXT (case-insensitive; EXIF Make/Model)",
+    "has_gps": "only images whose EXIF records a GPS position",
     "sort": "faces: " + ", ".join(FACE_SORTS) + "; images: " + ", ".join(IMAGE_SORTS) + "; descending: KEY:desc (or --sort=-KEY)",
     "limit": "at most N rows (0 = all)", "offset": "skip the first N rows",
     "after": "only the rows after this position (the sort key of a row, as the last command's 'more with' line gives it)",
@@ -660,7 +700,7 @@ def add_filter_args(p: argparse.ArgumentParser, *, limit: int | None = 50, only:
     for name, opt in OPTION.items():
         if only is not None and name not in only:
             continue
-        if name == "uncertain":
+        if name in _BOOLS:
             g.add_argument(opt, dest="f_" + name, action="store_const", const="1", help=_HELP[name])
         elif name == "minors":
             g.add_argument(opt, dest="f_" + name, nargs="?", const="likely", metavar="RULE", help=_HELP[name])

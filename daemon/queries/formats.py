@@ -30,10 +30,15 @@ FACE_COLUMNS = (
     "face_id", "sha256", "md5", "path", "root", "seen", "state", "idx", "x1", "y1", "x2", "y2", "width_px", "score",
     "p_male", "p_female", "gender", "model_gender", "age", "age_std", "bundle", "analysed", "image_width", "image_height",
     "review", "review_label", "review_note", "reviewer", "reviewed", "final_gender", "person_id", "person_name",
+    # the image's capture metadata (EXIF), as in IMAGE_COLUMNS; empty where the row has none
+    "taken_at", "taken_offset", "camera_make", "camera_model", "gps_lat", "gps_lon",
 )
+CAPTURE_COLUMNS = frozenset(("taken_at", "taken_offset", "camera_make", "camera_model", "software", "lens", "serial", "gps_lat", "gps_lon", "gps_alt"))
 IMAGE_COLUMNS = (
     "sha256", "md5", "size", "format", "width", "height", "status", "reason", "faces", "female", "male", "uncertain",
     "bundle", "analysed", "first_seen", "path", "n_paths",
+    # capture metadata from EXIF (daemon.pipeline.exif): camera-local time, device, position
+    "taken_at", "taken_offset", "camera_make", "camera_model", "software", "lens", "serial", "gps_lat", "gps_lon", "gps_alt",
 )  # JSON/JSONL rows add "paths": [{path, root, state, reason, first_seen, last_seen}]
 _ROUND = {"x1": 1, "y1": 1, "x2": 1, "y2": 1, "width_px": 1, "score": 4, "p_male": 6, "p_female": 6, "age": 1, "age_std": 2}
 _TIMES = {"seen", "analysed", "reviewed", "first_seen"}
@@ -58,7 +63,7 @@ _FACE_CONVERT = tuple((k, _converter(k)) for k in FACE_COLUMNS)
 
 def face_record(row) -> dict:  # noqa: ANN001
     """A face row in the documented machine shape (rounded, ISO times)."""
-    return {k: (conv(row[k]) if conv else row[k]) for k, conv in _FACE_CONVERT}
+    return {k: (conv(row[k]) if conv else row[k]) if k not in CAPTURE_COLUMNS else row.get(k) for k, conv in _FACE_CONVERT}
 
 
 def image_record(row: dict) -> dict:
@@ -171,4 +176,15 @@ def _media_groups(side, rows: Iterator[dict], hasher, batch: int = 200):  # noqa
 def _faces_to_draw(rows: list[dict]) -> list[dict]:
     return [{"box": (r["x1"], r["y1"], r["x2"], r["y2"]), "gender": r["gender"], "p_male": r["p_male"], "score": r["score"],
              "age": r["age"], "landmarks": json.loads(r["landmarks"]) if r.get("landmarks") else []} for r in sorted(rows, key=lambda r: r["idx"])]
+
+
+def capture_line(c: dict) -> str:
+    """The capture metadata of an image in one line (``show``): time, device, lens, position."""
+    when = (c.get("taken_at") or "time unknown") + (c.get("taken_offset") or "")
+    device = " ".join(v for v in (c.get("camera_make"), c.get("camera_model")) if v) or "device unknown"
+    extra = "; ".join(f"{k} {c[k]}" for k in ("lens", "software", "serial") if c.get(k))
+    where = ""
+    if c.get("gps_lat") is not None:
+        where = f", GPS {c['gps_lat']:.6f}, {c['gps_lon']:.6f}" + (f", {c['gps_alt']:g} m" if c.get("gps_alt") is not None else "")
+    return f"taken {when} by {device}" + (f" ({extra})" if extra else "") + where
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
 
 from sqlalchemy import Connection, and_, case, exists, false, func, literal, or_, select, text, true
@@ -25,6 +25,7 @@ from sqlalchemy.sql.elements import ColumnElement
 
 from daemon.queries.filters import (ADULT_AGE, FACE_SORTS, IMAGE_SORTS, Cut, FilterError, Filters, check_cut, cursor_text, cursor_values,
                                     glob_match, glob_to_pg_regex)
+from daemon.store import capture
 from daemon.store import persons as ps
 from daemon.store import reviews as rv
 from daemon.store import schema as s
@@ -127,6 +128,18 @@ def _sha_conds(f: Filters, images) -> list[ColumnElement]:  # noqa: ANN001
     if not f.sha256:
         return []
     return [or_(*[sha_prefix(images.c.sha256, h) for h in f.sha256])]
+
+
+def capture_record(row: dict | None) -> dict:
+    """An image row's capture fields as records name them (``camera_make`` for EXIF Make)."""
+    row = row or {}
+    return {("camera_" + k if k in ("make", "model") else k): row.get(k) for k in capture.FIELDS}
+
+
+def _capture_conds(f: Filters, image_id: ColumnElement) -> list[ColumnElement]:
+    if not f.capture_level:
+        return []
+    return capture.conditions(image_id, taken_from=f.taken_from, taken_to=f.taken_to, devices=f.device, has_gps=f.has_gps)
 
 
 def _analysis_conds(sc: Scope, a) -> list[ColumnElement]:  # noqa: ANN001
@@ -318,6 +331,7 @@ class _FaceQuery:
             w.append(F.c.age.is_not(None) if ages == "known" else F.c.age.is_(None))
         if f.sha256:
             w += _sha_conds(f, I)
+        w += _capture_conds(f, A.c.image_id)
         # Range filters are written as ``col + 0`` on SQLite so that it never drives a query from
         # a range index whose selectivity it cannot know (without STAT4 it would walk half the
         # table through an index), except on the column the list is sorted by, whose index then
@@ -564,10 +578,30 @@ def faces(conn: Connection, f: Filters, sc: Scope, *, stream: bool = False) -> I
     cursor, backward = _position(f, _FACE_CURSOR, (("int", False), "FACE_ID"), "face list")
     if backward:
         rows = [r for r, _ in _walk_faces(conn, f, sc, limit=f.limit, cursor=cursor, backward=True)]
-        yield from reversed(rows)
+        yield from with_capture(conn, reversed(rows))
         return
-    for r, _ in _walk_faces(conn, f, sc, limit=f.limit, offset=f.offset, cursor=cursor, stream=stream, with_keys=False):
-        yield r
+    walk = _walk_faces(conn, f, sc, limit=f.limit, offset=f.offset, cursor=cursor, stream=stream, with_keys=False)
+    yield from with_capture(conn, (r for r, _ in walk))
+
+
+def with_capture(conn: Connection, rows: Iterable[dict], chunk: int = 500) -> Iterator[dict]:
+    """``rows`` (with ``image_id``) with their image's capture fields added, looked up ``chunk``
+    rows at a time (an export stays streamed)."""
+    if not capture.has_table(conn):
+        yield from rows
+        return
+    batch: list[dict] = []
+    for r in rows:
+        batch.append(r)
+        if len(batch) >= chunk:
+            yield from _add_capture(conn, batch)
+            batch = []
+    yield from _add_capture(conn, batch)
+
+
+def _add_capture(conn: Connection, batch: list[dict]) -> list[dict]:
+    found = capture.of_images(conn, sorted({r["image_id"] for r in batch if r.get("image_id") is not None}))
+    return [{**r, **capture_record(found.get(r.get("image_id")))} if found.get(r.get("image_id")) else r for r in batch]
 
 
 @dataclass(frozen=True)
@@ -649,7 +683,7 @@ def _walk_images(conn: Connection, f: Filters, sc: Scope, *, limit: int | None, 
     FI, I = s.files, s.images  # noqa: N806
     key = f.sort.lstrip("-")
     lone = case((FI.c.image_id.is_(None), FI.c.id))
-    conds = [*_file_conds(f, FI, sc.dialect), *_sha_conds(f, I)]
+    conds = [*_file_conds(f, FI, sc.dialect), *_sha_conds(f, I), *_capture_conds(f, FI.c.image_id)]
     if f.sha256:
         conds.append(FI.c.image_id.is_not(None))
     if f.face_level or sc.bundle not in (None, "all"):
@@ -745,6 +779,7 @@ def _image_details(conn: Connection, groups: list, sc: Scope) -> Iterator[dict]:
              .select_from(A.outerjoin(F, F.c.analysis_id == A.c.id))
              .where(A.c.image_id.in_(ids), *_analysis_conds(sc, A)).group_by(A.c.image_id))
         counts = {r.image_id: dict(r._mapping) for r in conn.execute(q)}
+    captured = capture.of_images(conn, ids)
     for g in groups:
         if g.image_id is None:
             fr = lone_rows[g.file_id]
@@ -762,7 +797,8 @@ def _image_details(conn: Connection, groups: list, sc: Scope) -> Iterator[dict]:
         yield {**{k: im[k] for k in ("sha256", "md5", "size", "format", "width", "height", "orientation", "frames", "notes", "first_seen")},
                "image_id": g.image_id, "path": g.path, "paths": ps, "status": ",".join(states), "reason": reason, "error": error,
                "analyses": c.get("analyses", 0) if c else 0, "bundle": c.get("bundle"), "analysed": c.get("analysed"),
-               "faces": int(c.get("faces") or 0), **{k: int(c.get(k) or 0) for k in ("female", "male", "uncertain")}}
+               "faces": int(c.get("faces") or 0), **{k: int(c.get(k) or 0) for k in ("female", "male", "uncertain")},
+               **capture_record(captured.get(g.image_id))}
 
 
 # --------------------------------------------------------------------------------------------
@@ -816,7 +852,9 @@ def image_detail(conn: Connection, image_id: int, sc: Scope) -> dict:
         for p in ps:
             conds.append(E.c.detail.contains(json.dumps(p["path"]), autoescape=True))
         events = [dict(r._mapping) for r in conn.execute(select(E).where(or_(*conds)).order_by(E.c.at, E.c.id).limit(500))]
-    return {**im, "paths": ps, "analyses": analyses, "reviews": history, "events": events}
+    found = capture.of_images(conn, [image_id]).get(image_id)
+    return {**im, "paths": ps, "analyses": analyses, "reviews": history, "events": events,
+            "capture": capture_record(found) if found else None}
 
 
 def face(conn: Connection, face_id: int, sc: Scope) -> dict | None:

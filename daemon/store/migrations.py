@@ -98,6 +98,14 @@ def near_hash(conn: Connection) -> None:
     nearcopies.HASH_INDEX.create(conn, checkfirst=True)
 
 
+def capture(conn: Connection) -> None:
+    """Version 8: ``image_capture``, the EXIF capture metadata per image (:mod:`daemon.store.capture`);
+    none for images analysed before (they get it when analysed again)."""
+    from daemon.store import capture as capture_store
+
+    capture_store.create(conn)
+
+
 STEPS: tuple[Step, ...] = (
     Step(1, "create tables", create_tables),
     Step(2, "reviews", add_reviews),
@@ -106,6 +114,7 @@ STEPS: tuple[Step, ...] = (
     Step(5, "face descriptor", face_descriptor),
     Step(6, "persons", add_persons),
     Step(7, "near-copy hash", near_hash),
+    Step(8, "capture metadata", capture),
 )
 
 LATEST = len(STEPS)

@@ -23,6 +23,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 
 from daemon.config import IdentityConfig
 from daemon.paths import from_db, to_db
+from daemon.store import capture
 from daemon.store import schema as s
 from daemon.store.nearcopies import store_hash
 from daemon.store.persons import Placer
@@ -274,6 +275,8 @@ class Store:
             image_id = self._image_id(conn, result.sha256, result.md5, result.size, info)
             if getattr(result, "near_hash", None) is not None:
                 store_hash(conn, image_id, result.near_hash)
+            if getattr(result, "capture", None) is not None:
+                capture.store(conn, image_id, result.capture)
             ins = _insert(conn, s.analyses).values(
                 image_id=image_id, bundle=bundle_key, faces=len(result.faces),
                 seconds=sum(result.seconds.values()), host=self.host, created=time.time(),
