@@ -12,8 +12,8 @@ import pytest
 from sqlalchemy import Connection, Engine, MetaData, inspect, select, text
 
 from daemon import paths
-from daemon.store import engine as eng_mod
 from daemon.store import capture as cap
+from daemon.store import engine as eng_mod
 from daemon.store import migrations
 from daemon.store import nearcopies as nc
 from daemon.store import persons as ps

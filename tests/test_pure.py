@@ -175,14 +175,6 @@ def test_age_statistics_by_hand() -> None:
     assert classify.age_statistics(first)[0][0] == pytest.approx(0.25)
 
 
-def test_temperature_scaling() -> None:
-    p = np.array([0.1, 0.5, 0.9])
-    np.testing.assert_allclose(classify.apply_temperature(p, 1.0), p)
-    t2 = classify.apply_temperature(p, 2.0)
-    assert t2[1] == pytest.approx(0.5) and 0.1 < t2[0] < 0.5 and 0.5 < t2[2] < 0.9
-    np.testing.assert_allclose(t2[0], 1 / (1 + math.exp(math.log(9) / 2)))
-
-
 def test_check_probabilities_rejects_bad_output() -> None:
     from daemon.pipeline.sessions import ModelOutputError, check_probabilities
 

@@ -90,7 +90,6 @@ class ChipSpec:
     input_name: str
     output_name: str
     padding: float = align.PADDING
-    temperature: float = 1.0
 
 
 class Detector:
@@ -152,10 +151,7 @@ class Classifier:
             p = check_probabilities(np.asarray(raw), len(x), k, where, rows_sum_to_one=True)
         if self.flip_tta:
             p = (p[:n] + p[n:]) / 2
-        if s.output != "softmax-age" and s.temperature != 1.0:
-            pm = classify.apply_temperature(p[:, 1], s.temperature)
-            p = np.stack([1 - pm, pm], axis=1)
-        return p
+        return p  # calibrated already: the project's models carry their temperature inside the graph
 
 
 class Backbone:
@@ -378,7 +374,6 @@ def chip_spec(spec: model_store.ModelSpec, *, age: bool = False) -> ChipSpec:
     return ChipSpec(
         kind="aligned", size=size, means_rgb=means, scale=float(norm.scale), output=output,
         input_name=spec.input.name, output_name=spec.outputs[0].name,
-        temperature=float(getattr(spec, "temperature", None) or 1.0),
     )
 
 

@@ -46,11 +46,3 @@ def age_statistics(probs: np.ndarray, bins: np.ndarray = AGE_BINS) -> tuple[np.n
 
 def sigmoid(x: np.ndarray) -> np.ndarray:
     return 1.0 / (1.0 + np.exp(-x))
-
-
-def apply_temperature(p_male: np.ndarray, temperature: float) -> np.ndarray:
-    """Temperature-scale a probability: sigmoid(logit(p) / T). T=1 leaves it unchanged."""
-    if temperature == 1.0:
-        return p_male
-    p = np.clip(p_male, 1e-7, 1 - 1e-7)
-    return sigmoid(np.log(p / (1 - p)) / temperature)
