@@ -193,6 +193,25 @@ def test_writer_stores_the_first_capture(db_url: str) -> None:
         eng.dispose()
 
 
+def page_shows_capture(url: str, sha256: str) -> None:
+    """The review page's image page lists the capture metadata (when the web extra is installed)."""
+    pytest.importorskip("starlette", reason="the web extra is not installed: pip install -e '.[web]'")
+    pytest.importorskip("httpx", reason="the test client needs httpx: pip install -e '.[web]'")
+    from starlette.testclient import TestClient
+
+    from daemon import config
+    from daemon.web import create_app
+
+    app = create_app(config.parse({"database": url}, check_paths=False), port=8765)
+    try:
+        page = TestClient(app, base_url="http://127.0.0.1:8765").get(f"/images/{sha256}")
+        assert page.status_code == 200
+        text = " ".join(page.text.split())
+        assert "2024-05-01T14:03:07+02:00, Apple iPhone 13 (iPhone 13 back camera 5.1mm f/1.6), GPS 48.858222, 2.294500" in text
+    finally:
+        app.close()
+
+
 def run_cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([*FG, *args], capture_output=True, text=True, timeout=600)
 
@@ -243,6 +262,8 @@ def test_images_filter_by_capture_after_a_scan(tmp_path: Path, models_ready: Non
         "taken 2024-05-01T14:03:07+02:00 by Apple iPhone 13 (lens iPhone 13 back camera 5.1mm f/1.6; software 17.4.1), GPS 48.858222, 2.294500, 35.5 m"
         in shown.stdout
     )
+    if backend == "sqlite":
+        page_shows_capture(url, json.loads(run_cli("show", str(ev / "paris.jpg"), "--db", url, "--format", "json").stdout)["sha256"])
     doc = json.loads(run_cli("show", str(ev / "odd.jpg"), "--db", url, "--format", "json").stdout)
     assert doc["capture"]["camera_model"] == "iPhone 13" and doc["capture"]["taken_at"] is None
     assert "EXIF DateTimeOriginal ignored" in doc["notes"] and "GPSLatitude ignored" in doc["notes"]
