@@ -11,6 +11,7 @@ from dataclasses import replace
 
 from daemon.scan import record
 from daemon.service_health import Health
+from daemon.states import Reason
 from daemon.store.writer import Claim, Store
 from daemon.workers import Crashed, Failed, Outcome, Task, WorkerPool
 
@@ -119,7 +120,7 @@ class WorkQueue:
                 return
         if (
             isinstance(outcome, Failed)
-            and outcome.reason == "internal_error"
+            and outcome.reason == Reason.INTERNAL_ERROR
             and outcome.error.startswith(("OperationalError", "InterfaceError", "DisconnectionError"))
         ):
             # the worker's "already analysed?" look-up hit a database outage: not the file's fault

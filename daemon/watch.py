@@ -51,6 +51,7 @@ from watchdog.observers.polling import PollingObserverVFS
 
 from daemon.config import RootConfig
 from daemon.discovery import Filter
+from daemon.states import Rescan
 
 log = logging.getLogger(__name__)
 
@@ -196,7 +197,7 @@ class Change:
     root: str
     path: str
     dest: str | None = None
-    reason: str | None = None
+    reason: Rescan | None = None
     detail: str | None = None
 
 
@@ -391,7 +392,7 @@ class Watcher:
         msg = exhausted_message(rw.path, err_no, rw.cfg.poll_interval)
         log.error("%s", msg)
         rw.mode, rw.fallback = "polling", msg
-        self._queue.append(Change("rescan", rw.path, rw.path, reason="polling_fallback", detail=msg))
+        self._queue.append(Change("rescan", rw.path, rw.path, reason=Rescan.POLLING_FALLBACK, detail=msg))
         return self._start_observer(rw)
 
     def _start_failed(self, rw: RootWatch, msg: str) -> bool:
@@ -435,7 +436,7 @@ class Watcher:
             if self._start_observer(rw):
                 rw.restarts += 1
                 restarted.append(rw.path)
-                self._queue.append(Change("rescan", rw.path, rw.path, reason="observer_restarted",
+                self._queue.append(Change("rescan", rw.path, rw.path, reason=Rescan.OBSERVER_RESTARTED,
                                           detail=f"the observer of {rw.path} was (re)started; events may have been lost"))
         inotify_roots = [rw for rw in self.roots.values() if rw.mode == "inotify" and rw.observer is not None]
         if inotify_roots:
@@ -448,7 +449,7 @@ class Watcher:
         with self._lock:
             errors, self._handler_errors = self._handler_errors, {}
         for root, n in errors.items():
-            self._queue.append(Change("rescan", root, root, reason="handler_error",
+            self._queue.append(Change("rescan", root, root, reason=Rescan.HANDLER_ERROR,
                                       detail=f"{n} event(s) could not be handled; rescanning"))
         return restarted
 
@@ -503,11 +504,11 @@ class Watcher:
             for root, n in overflows.items():
                 if root not in self.roots:  # removed by a reload since
                     continue
-                out.append(Change("rescan", root, root, reason="overflow",
+                out.append(Change("rescan", root, root, reason=Rescan.OVERFLOW,
                                   detail=f"the inotify event queue overflowed {n} time(s) and events were lost; a larger queue"
                                          f" ({QUEUE_SYSCTL}, now {lim}, read when the watch starts) means fewer rescans"))
         for root in dropped:
-            out.append(Change("rescan", root, root, reason="queue_full",
+            out.append(Change("rescan", root, root, reason=Rescan.QUEUE_FULL,
                               detail=f"more than {self.max_queued} changes were waiting; events were dropped"))
         q = self._queue
         while q and len(out) < limit:

@@ -25,6 +25,7 @@ from multiprocessing.connection import Connection, wait
 from daemon.config import PipelineConfig
 from daemon.pipeline import images
 from daemon.pipeline.analyze import ImageResult
+from daemon.states import Reason
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +63,7 @@ class Linked:
 @dataclass(frozen=True)
 class Failed:
     file_id: int
-    reason: str
+    reason: Reason
     error: str
     sha256: str | None = None
     md5: str | None = None
@@ -72,7 +73,7 @@ class Failed:
 @dataclass(frozen=True)
 class Crashed:
     file_id: int
-    reason: str  # worker_crashed | worker_timeout
+    reason: Reason  # worker_crashed | worker_timeout
     error: str
 
 
@@ -131,12 +132,12 @@ def _process(pipeline, engine, task: Task) -> Outcome:  # noqa: ANN001
     except images.ImageError as err:
         return Failed(task.file_id, err.reason, str(err), **hashes)
     except ModelOutputError as err:
-        return Failed(task.file_id, "model_output", str(err), **hashes)
+        return Failed(task.file_id, Reason.MODEL_OUTPUT, str(err), **hashes)
     except MemoryError:
-        return Failed(task.file_id, "out_of_memory", "decoding or analysing the image ran out of memory", **hashes)
+        return Failed(task.file_id, Reason.OUT_OF_MEMORY, "decoding or analysing the image ran out of memory", **hashes)
     except Exception as err:  # a bug: keep going, but record it loudly
         log.error("internal error on %s:\n%s", task.path, traceback.format_exc())
-        return Failed(task.file_id, "internal_error", f"{type(err).__name__}: {err}", **hashes)
+        return Failed(task.file_id, Reason.INTERNAL_ERROR, f"{type(err).__name__}: {err}", **hashes)
 
 
 class _Worker:
@@ -237,8 +238,8 @@ class WorkerPool:
                     w.proc.kill()
                 w.proc.join(5)
                 task = w.tasks.popleft()
-                reason = "worker_timeout" if hung and not dead else "worker_crashed"
-                detail = (f"analysis took longer than {self.file_timeout:.0f} s; the worker was killed" if reason == "worker_timeout"
+                reason = Reason.WORKER_TIMEOUT if hung and not dead else Reason.WORKER_CRASHED
+                detail = (f"analysis took longer than {self.file_timeout:.0f} s; the worker was killed" if reason == Reason.WORKER_TIMEOUT
                           else f"the worker process died (exit code {w.proc.exitcode}) while analysing this file")
                 log.error("%s: %s", task.path, detail)
                 out.append(Crashed(task.file_id, reason, detail))

@@ -1,7 +1,8 @@
 """Every command and every configuration key is documented (the rule runs instead of living in
 prose): each sub-command of ``forensic-gender`` is named as ``forensic-gender COMMAND`` in the
-README or docs/, and each configuration key is in config.example.yaml (the commented reference
-of every key) with the same default."""
+README or docs/, each configuration key is in config.example.yaml (the commented reference
+of every key) with the same default, and every file state, failure reason and rescan reason
+(:mod:`daemon.states`) is named in the README or docs/ as `code`."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import yaml
 
 from daemon import config
 from daemon.cli import build_parser
+from daemon.states import FileState, Reason, Rescan
 
 REPO = Path(__file__).resolve().parents[1]
 DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
@@ -71,3 +73,9 @@ def test_every_config_key_is_in_the_example_with_its_default() -> None:
         and not (isinstance(expected[k], tuple) and list(expected[k]) == written[k])
     }
     assert not differ, f"config.example.yaml shows other values than the defaults (example, default): {differ}"
+
+
+def test_every_state_and_reason_is_documented() -> None:
+    text = "\n".join(p.read_text(encoding="utf-8") for p in DOCS)
+    missing = [f"{e.__name__}.{m.name}" for e in (FileState, Reason, Rescan) for m in e if f"`{m.value}`" not in text]
+    assert not missing, f"name each in README.md or docs/*.md as `value` (what it means, what to do): {missing}"

@@ -100,6 +100,7 @@ from PIL import Image, ImageFile, features
 
 from daemon.pipeline import heif
 from daemon.pipeline.exif import Capture, capture
+from daemon.states import IMAGE_REASONS, Reason
 
 log = logging.getLogger(__name__)
 
@@ -108,21 +109,7 @@ Image.MAX_IMAGE_PIXELS = None  # our max_pixels check (from the header) replaces
 ImageFile.LOAD_TRUNCATED_IMAGES = False  # must stay False: truncation is an error, not an image
 cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)  # no decoder warnings on stderr
 
-REASONS = frozenset(
-    {
-        "empty",
-        "not_an_image",
-        "unsupported_format",
-        "truncated",
-        "too_large",
-        "corrupt",
-        "unreadable",
-        "not_regular_file",
-        "too_big_file",
-        "symlink",  # a symbolic link where discovery saw a regular file or folder (never followed)
-        "replaced",  # another file than the one discovered now has the name
-    }
-)
+REASONS = IMAGE_REASONS  # the reasons an ImageError may carry (daemon.states.Reason)
 _AVIF = bool(features.check("avif"))  # Pillow >= 11.3 wheels decode AVIF; older ones do not
 SUPPORTED_FORMATS = ("jpeg", "png", "gif", "webp", "bmp", "tiff", "heic") + (("avif",) if _AVIF else ())
 UNSUPPORTED_FORMATS = ("jxl", "jp2") + (() if _AVIF else ("avif",))
@@ -133,7 +120,7 @@ _READ_CHUNK = 1024 * 1024
 class ImageError(Exception):
     """A file that cannot be analysed; ``reason`` is machine-readable (one of :data:`REASONS`)."""
 
-    def __init__(self, reason: str, message: str) -> None:
+    def __init__(self, reason: Reason, message: str) -> None:
         if reason not in REASONS:
             raise ValueError(f"ImageError reason must be one of {sorted(REASONS)}, got {reason!r}")
         super().__init__(reason, message)  # both in args, so the error survives pickling
@@ -208,7 +195,7 @@ def _os_error(path: str | bytes, what: str, err: OSError) -> ImageError:
         errno.EPERM: "the service user may not read it; grant read permission",
     }.get(err.errno or 0, "check the file and the storage it lives on")
     return ImageError(
-        "unreadable", f"{_show(path)}: {what} failed with {name} ({err.strerror}); {hint}"
+        Reason.UNREADABLE, f"{_show(path)}: {what} failed with {name} ({err.strerror}); {hint}"
     )
 
 
@@ -227,7 +214,7 @@ def _kind(mode: int) -> str:
 
 def _not_regular(path: str | bytes, mode: int) -> ImageError:
     return ImageError(
-        "not_regular_file",
+        Reason.NOT_REGULAR_FILE,
         f"{_show(path)}: must be a regular file, got {_kind(mode)}; it was not opened"
         " (reading it could block or have side effects)",
     )
@@ -235,7 +222,7 @@ def _not_regular(path: str | bytes, mode: int) -> ImageError:
 
 def _too_big(path: str | bytes, size: int, max_bytes: int) -> ImageError:
     return ImageError(
-        "too_big_file",
+        Reason.TOO_BIG_FILE,
         f"{_show(path)}: file size must be at most {max_bytes} bytes, got {size};"
         " raise the byte limit if such files must be analysed",
     )
@@ -259,7 +246,7 @@ def _open_readonly(path: str | bytes, *, dir_fd: int | None = None, follow: bool
 
 def _swapped(p: bytes, what: str) -> ImageError:
     return ImageError(
-        "symlink",
+        Reason.SYMLINK,
         f"{_show(p)}: {what} must be a regular file or folder inside the root, got a symbolic link"
         " (swapped in after the file was found); it was not followed",
     )
@@ -279,7 +266,7 @@ def _open_beneath(root: bytes, p: bytes) -> int:
     rel = p[len(root):].lstrip(b"/")
     parts = [c for c in rel.split(b"/") if c]
     if not p.startswith(root.rstrip(b"/") + b"/") or not parts or b".." in parts:
-        raise ImageError("unreadable", f"{_show(p)}: must lie inside its root {_show(root)}; it was not opened")
+        raise ImageError(Reason.UNREADABLE, f"{_show(p)}: must lie inside its root {_show(root)}; it was not opened")
     try:
         dfd = os.open(root, _O_BASE | _O_DIR)
     except OSError as err:
@@ -333,7 +320,7 @@ def read_file(
                 raise _not_regular(p, st.st_mode)
             if inode is not None and st.st_ino != inode:
                 raise ImageError(
-                    "replaced",
+                    Reason.REPLACED,
                     f"{_show(p)}: must be the file found at discovery (inode {inode}), got inode {st.st_ino}: it was"
                     " replaced since; the new file is recorded when the watcher or the next scan sees it",
                 )
@@ -380,7 +367,7 @@ def read_file(
         os.close(fd)
     if (after.st_size, after.st_mtime_ns) != (before.st_size, before.st_mtime_ns) or total != after.st_size:
         raise ImageError(
-            "unreadable",
+            Reason.UNREADABLE,
             f"{_show(p)}: the file must not change while it is read, but it went from"
             f" {before.st_size} to {after.st_size} bytes ({total} read); it is still being"
             " written - retry once the writer has finished",
@@ -476,18 +463,18 @@ def _describe(data: bytes) -> str:
 
 def _require_format(data: bytes) -> str:
     if not data:
-        raise ImageError("empty", "image data must not be empty, got 0 bytes; the file is empty")
+        raise ImageError(Reason.EMPTY, "image data must not be empty, got 0 bytes; the file is empty")
     fmt = sniff_format(data)
     if fmt is None:
         raise ImageError(
-            "not_an_image",
+            Reason.NOT_AN_IMAGE,
             f"expected an image ({', '.join(SUPPORTED_FORMATS)} by signature, whatever the file"
             f" name says), got {_describe(data)} ({len(data)} bytes); the file is not an image"
             " and nothing will change that on retry",
         )
     if fmt in UNSUPPORTED_FORMATS:
         raise ImageError(
-            "unsupported_format",
+            Reason.UNSUPPORTED_FORMAT,
             f"expected one of {', '.join(SUPPORTED_FORMATS)}, got {fmt.upper()}, which is recognised"
             " but not decoded; convert it (e.g. to PNG) to analyse it",
         )
@@ -502,14 +489,14 @@ _JPEG_NEXT_MARKER = re.compile(rb"\xff[^\x00\xd0-\xd7\xff]")  # skips stuffing, 
 
 def _truncated(fmt: str, detail: str) -> ImageError:
     return ImageError(
-        "truncated",
+        Reason.TRUNCATED,
         f"{fmt.upper()} data must be complete, got {detail}; the file was cut short or is still"
         " being written - re-acquire it or wait until the copy has finished",
     )
 
 
 def _corrupt(fmt: str, detail: str) -> ImageError:
-    return ImageError("corrupt", f"{fmt.upper()} data is damaged: {detail}; the file cannot be decoded")
+    return ImageError(Reason.CORRUPT, f"{fmt.upper()} data is damaged: {detail}; the file cannot be decoded")
 
 
 def _check_jpeg(data: bytes) -> None:
@@ -678,7 +665,7 @@ def _heif_error(fmt: str, err: heif.HeifDataError) -> ImageError:
     if err.reason == "truncated":
         return _truncated(fmt, err.detail)
     if err.reason == "unsupported":
-        return ImageError("unsupported_format", f"{fmt.upper()}: {err.detail} is not decoded; convert it to analyse it")
+        return ImageError(Reason.UNSUPPORTED_FORMAT, f"{fmt.upper()}: {err.detail} is not decoded; convert it to analyse it")
     return _corrupt(fmt, err.detail)
 
 
@@ -973,7 +960,7 @@ def _classify(fmt: str, err: Exception) -> ImageError:
     if isinstance(err, heif.HeifDataError):
         return _heif_error(fmt, err)
     if isinstance(err, MemoryError):
-        return ImageError("too_large", f"{fmt.upper()}: ran out of memory while decoding; lower max_pixels")
+        return ImageError(Reason.TOO_LARGE, f"{fmt.upper()}: ran out of memory while decoding; lower max_pixels")
     text = str(err)
     if "truncated" in text.lower():
         return _truncated(fmt, f"a decoder error ({text})")
@@ -983,7 +970,7 @@ def _classify(fmt: str, err: Exception) -> ImageError:
 def _refuse_too_large(fmt: str | None, width: int, height: int, max_pixels: int) -> None:
     if width * height > max_pixels:
         raise ImageError(
-            "too_large",
+            Reason.TOO_LARGE,
             f"{(fmt or '').upper()} header declares {width}x{height} = {width * height} pixels,"
             f" more than max_pixels={max_pixels}; refused before decoding (a decompression bomb"
             " or a huge scan) - raise max_pixels if such images are expected",

@@ -28,9 +28,11 @@ from sqlalchemy import (
     UniqueConstraint,
 )
 
+from daemon.states import FileState
+
 metadata = MetaData()
 
-FILE_STATES = ("queued", "working", "done", "failed", "quarantined", "gone")
+FILE_STATES = tuple(FileState)  # daemon.states
 
 meta = Table(
     "meta",

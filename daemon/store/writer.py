@@ -23,6 +23,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 
 from daemon.config import IdentityConfig
 from daemon.paths import from_db, to_db
+from daemon.states import FileState, Reason
 from daemon.store import capture
 from daemon.store import schema as s
 from daemon.store.nearcopies import store_hash
@@ -40,7 +41,7 @@ class FileStat:
     size: int
     mtime_ns: int
     inode: int | None = None
-    reason: str | None = None  # not_regular_file, symlink, ... -> recorded as failed at once
+    reason: Reason | None = None  # not_regular_file, symlink, ... -> recorded as failed at once
     error: str | None = None
 
 
@@ -116,7 +117,7 @@ class Store:
             )}
             for st in batch:
                 old = rows.get(st.path)
-                state = "failed" if st.reason else "queued"
+                state = FileState.FAILED if st.reason else FileState.QUEUED
                 if old is None:
                     ins = _insert(conn, f).values(
                         path=st.path, root=st.root, size=st.size, mtime_ns=st.mtime_ns, inode=st.inode, state=state,
@@ -132,11 +133,11 @@ class Store:
                     rows[st.path] = _Row(st.size, st.mtime_ns, st.inode, state)
                     continue
                 same = (old.size, old.mtime_ns) == (st.size, st.mtime_ns) and (st.inode is None or old.inode in (None, st.inode))
-                if same and old.state != "gone":
+                if same and old.state != FileState.GONE:
                     counts.unchanged += 1
                     continue
-                counts.changed += old.state != "gone"
-                counts.revived += old.state == "gone"
+                counts.changed += old.state != FileState.GONE
+                counts.revived += old.state == FileState.GONE
                 if st.reason:
                     counts.failed[st.reason] += 1
                 conn.execute(update(f).where(f.c.path == st.path).values(
@@ -144,7 +145,7 @@ class Store:
                     reason=st.reason, error=st.error, lease_owner=None, lease_expires=None, last_seen=now, updated=now,
                     image_id=None if not same else f.c.image_id,
                 ))
-                self._event(conn, "file_changed" if old.state != "gone" else "file_back", {"path": st.path})
+                self._event(conn, "file_changed" if old.state != FileState.GONE else "file_back", {"path": st.path})
 
     def mark_gone(self, paths: Iterable[str]) -> int:
         """Mark deleted paths gone (results kept). Returns how many rows changed."""
@@ -153,8 +154,8 @@ class Store:
             return 0
         f = s.files
         with self.engine.begin() as conn:
-            n = conn.execute(update(f).where(f.c.path.in_(paths), f.c.state != "gone").values(
-                state="gone", lease_owner=None, lease_expires=None, updated=time.time()
+            n = conn.execute(update(f).where(f.c.path.in_(paths), f.c.state != FileState.GONE).values(
+                state=FileState.GONE, lease_owner=None, lease_expires=None, updated=time.time()
             )).rowcount
             if n:
                 self._event(conn, "files_gone", {"count": n, "paths": paths[:20]})
@@ -167,7 +168,7 @@ class Store:
         keep = {to_db(p) for p in unlistable}
         with self.engine.connect() as conn:
             rows = [r[0] for r in conn.execute(select(f.c.path).where(
-                _under(to_db(prefix)), f.c.path.endswith("/", autoescape=True), f.c.state != "gone"))]
+                _under(to_db(prefix)), f.c.path.endswith("/", autoescape=True), f.c.state != FileState.GONE))]
         return self.mark_gone([from_db(p) for p in rows if p not in keep])
 
     def move(self, old: str, new: str, root: str) -> bool:
@@ -190,7 +191,7 @@ class Store:
         f = s.files
         now = time.time()
         with self.engine.begin() as conn:
-            cond = or_(f.c.state == "queued", and_(f.c.state == "working", f.c.lease_expires < now))
+            cond = or_(f.c.state == FileState.QUEUED, and_(f.c.state == FileState.WORKING, f.c.lease_expires < now))
             if prefixes:
                 cond = and_(cond, _any_prefix(prefixes))
             q = select(f.c.id).where(cond).order_by(f.c.id).limit(n)
@@ -201,7 +202,7 @@ class Store:
                 return []
             rows = conn.execute(
                 update(f).where(f.c.id.in_(ids)).values(
-                    state="working", lease_owner=self.host, lease_expires=now + lease_seconds,
+                    state=FileState.WORKING, lease_owner=self.host, lease_expires=now + lease_seconds,
                     attempts=f.c.attempts + 1, updated=now,
                 ).returning(f.c.id, f.c.path, f.c.attempts, f.c.root, f.c.inode)
             ).all()
@@ -211,7 +212,7 @@ class Store:
         f = s.files
         if ids:
             with self.engine.begin() as conn:
-                conn.execute(update(f).where(f.c.id.in_(list(ids)), f.c.lease_owner == self.host, f.c.state == "working")
+                conn.execute(update(f).where(f.c.id.in_(list(ids)), f.c.lease_owner == self.host, f.c.state == FileState.WORKING)
                              .values(lease_expires=time.time() + lease_seconds))
 
     def release(self, ids: Sequence[int]) -> None:
@@ -219,26 +220,26 @@ class Store:
         f = s.files
         if ids:
             with self.engine.begin() as conn:
-                conn.execute(update(f).where(f.c.id.in_(list(ids)), f.c.lease_owner == self.host, f.c.state == "working")
-                             .values(state="queued", lease_owner=None, lease_expires=None, attempts=f.c.attempts - 1))
+                conn.execute(update(f).where(f.c.id.in_(list(ids)), f.c.lease_owner == self.host, f.c.state == FileState.WORKING)
+                             .values(state=FileState.QUEUED, lease_owner=None, lease_expires=None, attempts=f.c.attempts - 1))
 
     def requeue_for_bundle(self, bundle_key: str, prefixes: Sequence[str] | None = None) -> int:
         """Queue again the done files whose content has no analysis under ``bundle_key`` (new
         models or parameters); earlier analyses are kept."""
         f, a = s.files, s.analyses
         has = select(a.c.id).where(a.c.image_id == f.c.image_id, a.c.bundle == bundle_key).exists()
-        cond = and_(f.c.state == "done", ~has)
+        cond = and_(f.c.state == FileState.DONE, ~has)
         if prefixes:
             cond = and_(cond, _any_prefix(prefixes))
         with self.engine.begin() as conn:
-            n = conn.execute(update(f).where(cond).values(state="queued", attempts=0, updated=time.time())).rowcount
+            n = conn.execute(update(f).where(cond).values(state=FileState.QUEUED, attempts=0, updated=time.time())).rowcount
             if n:
                 self._event(conn, "requeued_for_bundle", {"bundle": bundle_key, "count": n})
         return n
 
     def pending(self, prefixes: Sequence[str] | None = None) -> int:
         f = s.files
-        cond = f.c.state.in_(("queued", "working"))
+        cond = f.c.state.in_((FileState.QUEUED, FileState.WORKING))
         if prefixes:
             cond = and_(cond, _any_prefix(prefixes))
         with self.engine.connect() as conn:
@@ -254,7 +255,7 @@ class Store:
     def _held(self, conn: Connection, file_id: int) -> bool:
         f = s.files
         row = conn.execute(select(f.c.state, f.c.lease_owner).where(f.c.id == file_id)).first()
-        return row is not None and row.state == "working" and row.lease_owner == self.host
+        return row is not None and row.state == FileState.WORKING and row.lease_owner == self.host
 
     def _image_id(self, conn: Connection, sha256: str, md5: str, size: int, info: dict | None) -> int:
         vals = {"sha256": sha256, "md5": md5, "size": size, "first_seen": time.time(), **(info or {})}
@@ -288,7 +289,7 @@ class Store:
                     conn.execute(s.faces.insert(), [_face_row(aid, i, fc) for i, fc in enumerate(result.faces)])
                     if self.placer is not None:
                         self._place(conn, aid, image_id, result.sha256)
-            self._finish(conn, file_id, "done", image_id=image_id, size=result.size, mtime_ns=result.mtime_ns)
+            self._finish(conn, file_id, FileState.DONE, image_id=image_id, size=result.size, mtime_ns=result.mtime_ns)
         return True
 
     def _place(self, conn: Connection, analysis_id: int, image_id: int, sha256: str) -> None:
@@ -308,10 +309,10 @@ class Store:
             if not self._held(conn, file_id):
                 return False
             image_id = self._image_id(conn, sha256, md5, size, None)
-            self._finish(conn, file_id, "done", image_id=image_id, size=size, mtime_ns=mtime_ns)
+            self._finish(conn, file_id, FileState.DONE, image_id=image_id, size=size, mtime_ns=mtime_ns)
         return True
 
-    def record_failure(self, file_id: int, reason: str, error: str, *, sha256: str | None = None,
+    def record_failure(self, file_id: int, reason: Reason, error: str, *, sha256: str | None = None,
                        md5: str | None = None, size: int | None = None, max_attempts: int | None = None) -> str | None:
         """A file that could not be analysed. Bad input -> ``failed``. A crash or hang
         (``max_attempts`` given) -> back to ``queued`` until the attempts are used up, then
@@ -321,17 +322,17 @@ class Store:
             if not self._held(conn, file_id):
                 return None
             image_id = self._image_id(conn, sha256, md5 or "", size or 0, None) if sha256 else None
-            state = "failed"
+            state = FileState.FAILED
             if max_attempts is not None:
                 attempts = conn.execute(select(f.c.attempts).where(f.c.id == file_id)).scalar_one()
-                state = "quarantined" if attempts >= max_attempts else "queued"
+                state = FileState.QUARANTINED if attempts >= max_attempts else FileState.QUEUED
             self._finish(conn, file_id, state, image_id=image_id, reason=reason, error=error[:2000])
             self._event(conn, "file_" + state, {"file_id": file_id, "reason": reason, "error": error[:500]}, file_id)
         return state
 
-    def _finish(self, conn: Connection, file_id: int, state: str, **values) -> None:  # noqa: ANN003
+    def _finish(self, conn: Connection, file_id: int, state: FileState, **values) -> None:  # noqa: ANN003
         f = s.files
-        if state in ("done",):
+        if state in (FileState.DONE,):
             values.setdefault("reason", None)
             values.setdefault("error", None)
         values = {k: v for k, v in values.items() if v is not None or k in ("reason", "error")}
@@ -356,8 +357,8 @@ class Store:
         (the file did not cause it; a file that crashes its worker is counted by the pool)."""
         f = s.files
         with self.engine.begin() as conn:
-            n = conn.execute(update(f).where(f.c.state == "working", f.c.lease_owner == self.host).values(
-                state="queued", lease_owner=None, lease_expires=None,
+            n = conn.execute(update(f).where(f.c.state == FileState.WORKING, f.c.lease_owner == self.host).values(
+                state=FileState.QUEUED, lease_owner=None, lease_expires=None,
                 attempts=func.max(f.c.attempts - 1, 0) if conn.dialect.name == "sqlite" else func.greatest(f.c.attempts - 1, 0),
                 updated=time.time(),
             )).rowcount
@@ -371,8 +372,8 @@ class Store:
         f = s.files
         prefix = to_db(prefix)
         with self.engine.begin() as conn:
-            n = conn.execute(update(f).where(_under(prefix), f.c.state != "gone").values(
-                state="gone", lease_owner=None, lease_expires=None, updated=time.time()
+            n = conn.execute(update(f).where(_under(prefix), f.c.state != FileState.GONE).values(
+                state=FileState.GONE, lease_owner=None, lease_expires=None, updated=time.time()
             )).rowcount
             if n:
                 self._event(conn, "files_gone", {"count": n, "under": prefix})
@@ -382,7 +383,7 @@ class Store:
         """``(id, path)`` of files not marked gone under ``prefix``, by id, after ``after_id``
         (a rescan pages through these to notice deletions)."""
         f = s.files
-        q = (select(f.c.id, f.c.path).where(_under(to_db(prefix)), f.c.state != "gone", f.c.id > after_id)
+        q = (select(f.c.id, f.c.path).where(_under(to_db(prefix)), f.c.state != FileState.GONE, f.c.id > after_id)
              .order_by(f.c.id).limit(limit))
         with self.engine.connect() as conn:
             return [(r.id, from_db(r.path)) for r in conn.execute(q)]
@@ -393,12 +394,12 @@ class Store:
         f = s.files
         states: Counter[str] = Counter()
         reasons: Counter[str] = Counter()
-        q = (select(f.c.state, f.c.reason, func.count()).where(_any_prefix(prefixes), f.c.state != "gone")
+        q = (select(f.c.state, f.c.reason, func.count()).where(_any_prefix(prefixes), f.c.state != FileState.GONE)
              .group_by(f.c.state, f.c.reason))
         with self.engine.connect() as conn:
             for state, reason, n in conn.execute(q):
                 states[state] += n
-                if state in ("failed", "quarantined"):
+                if state in (FileState.FAILED, FileState.QUARANTINED):
                     reasons[reason or "unknown"] += n
         return {"states": states, "reasons": reasons}
 
@@ -459,9 +460,9 @@ def status_summary(engine: Engine, *, now: float | None = None, window: float = 
             totals[state] = totals.get(state, 0) + n
         failures: dict[str, dict[str, int]] = {}
         for state, reason, n in conn.execute(select(f.c.state, f.c.reason, func.count())
-                                             .where(f.c.state.in_(("failed", "quarantined"))).group_by(f.c.state, f.c.reason)):
+                                             .where(f.c.state.in_((FileState.FAILED, FileState.QUARANTINED))).group_by(f.c.state, f.c.reason)):
             failures.setdefault(reason or "unknown", {})[state] = n
-        finished = f.c.state.in_(("done", "failed", "quarantined"))
+        finished = f.c.state.in_((FileState.DONE, FileState.FAILED, FileState.QUARANTINED))
         last_min = conn.execute(select(func.count()).select_from(f).where(finished, f.c.updated >= now - 60)).scalar_one()
         last_win = conn.execute(select(func.count()).select_from(f).where(finished, f.c.updated >= now - window)).scalar_one()
         beats = []
