@@ -25,7 +25,8 @@ from daemon.cli import main  # noqa: E402
 from daemon.store import reviews as rv  # noqa: E402
 from daemon.store import schema as s  # noqa: E402
 from daemon.store.engine import open_engine, open_store_engine  # noqa: E402
-from daemon.web import create_app, host_allowed, is_loopback  # noqa: E402
+from daemon.web import create_app  # noqa: E402
+from daemon.web.security import host_allowed, is_loopback  # noqa: E402
 from tests.query_fixtures import DevDB, copy_db, dev_db, load_world, real_db  # noqa: F401 - fixtures
 
 PORT = 8765
@@ -392,13 +393,13 @@ def test_images_pages_follow_next_and_previous_links(ties_web) -> None:  # noqa:
 
 
 def test_face_count_stops_at_the_cap(ties_web, monkeypatch) -> None:  # noqa: ANN001
-    import daemon.web
+    from daemon.web import faces as faces_pages
 
     client, _ = ties_web
     page = client.get("/faces", params={"gender": "female"})
     exact = len(_face_ids(page.text))
     assert f"<b>{exact}</b> face(s) match" in page.text and "exact-count" not in page.text
-    monkeypatch.setattr(daemon.web, "COUNT_CAP", 5)
+    monkeypatch.setattr(faces_pages, "COUNT_CAP", 5)
     page = client.get("/faces", params={"gender": "female", "limit": "3"})
     assert "<b>more than 5</b> faces match" in page.text
     stats = client.get("/stats" + _link(page.text, "exact-count")[len("/stats"):])

@@ -9,68 +9,22 @@ either is missing, except in CI, where that is a failure."""
 
 from __future__ import annotations
 
-import os
 import re
-from pathlib import Path
+from collections.abc import Callable
 
 import pytest
 
-from tests.conftest import IN_CI, REPO
-from tests.query_fixtures import DevDB, copy_db, dev_db  # noqa: F401 - fixtures
+from tests import query_fixtures, web_fixtures
+from tests.query_fixtures import DevDB
+from tests.web_fixtures import OUT, until
 
-CHROMIUM = os.environ.get("FORENSIC_GENDER_CHROMIUM", "/usr/bin/chromium")
-OUT = Path(os.environ.get("FORENSIC_GENDER_TEST_OUTPUT", REPO / "reports" / "test-output"))
-ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-        "--disable-sync", "--no-first-run"]
-
-
-def _unavailable(why: str) -> None:
-    if IN_CI:
-        pytest.fail(f"{why} (required in CI: .ci/run must install it)")
-    pytest.skip(why)
+dev_db, browser, browser_db, serve_page = query_fixtures.dev_db, web_fixtures.browser, web_fixtures.browser_db, web_fixtures.serve_page
 
 
 @pytest.fixture
-def browser():  # noqa: ANN201 - function scope: Playwright's threads end before the thread-leak check
-    if not Path(CHROMIUM).exists():
-        _unavailable(f"headless browser test skipped: {CHROMIUM} not found; install it with `apt-get install -y chromium`")
-    try:
-        from playwright.sync_api import sync_playwright
-    except ImportError:
-        _unavailable("headless browser test skipped: the playwright package is missing; pip install -e '.[web]'")
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
-        yield b
-        b.close()
-
-
-@pytest.fixture
-def server(dev_db: DevDB, tmp_path):  # noqa: ANN001, ANN201
-    from daemon import config
-    from daemon.web import create_app, serve_in_thread
-
-    url = f"sqlite:///{tmp_path / 'browser.db'}"
-    copy_db(dev_db.url, url)
-    app = create_app(config.parse({"database": url}, check_paths=False), hosts=("127.0.0.1",))
-    srv, thread, port = serve_in_thread(app)
-    try:
-        yield f"http://127.0.0.1:{port}", dev_db
-    finally:
-        srv.should_exit = True
-        thread.join(15)
-        app.close()
-
-
-def _until(page, expr: str, timeout: float = 20.0) -> None:  # noqa: ANN001
-    """Poll a page expression until it is true (page.wait_for_function would need 'unsafe-eval',
-    which the page's Content-Security-Policy rightly forbids)."""
-    import time
-
-    end = time.monotonic() + timeout
-    while not page.evaluate(expr):
-        if time.monotonic() > end:
-            raise AssertionError(f"still false after {timeout} s: {expr}")
-        page.wait_for_timeout(100)
+def server(browser_db: str, dev_db: DevDB, serve_page: Callable[[str], str]) -> tuple[str, DevDB]:
+    """The review page over a SQLite copy of the dev database: (its address, the dev database)."""
+    return serve_page(browser_db), dev_db
 
 
 def test_review_page_end_to_end(browser, server) -> None:  # noqa: ANN001
@@ -86,7 +40,7 @@ def test_review_page_end_to_end(browser, server) -> None:  # noqa: ANN001
         rows = page.locator("tr.face")
         assert rows.count() > 20
         assert "face(s) match" in page.inner_text("#summary")
-        _until(page, "Array.from(document.querySelectorAll('img.thumb')).slice(0, 5).every(i => i.complete && i.naturalWidth > 0)")
+        until(page, "Array.from(document.querySelectorAll('img.thumb')).slice(0, 5).every(i => i.complete && i.naturalWidth > 0)")
         page.screenshot(path=str(OUT / "review-1-faces.png"))
         # page through by the links (keyset positions of the last / first row shown) and back
         page.goto(base + "/faces?sort=-p_male&limit=7")
@@ -114,7 +68,7 @@ def test_review_page_end_to_end(browser, server) -> None:  # noqa: ANN001
         # open an image: the picture loads and its boxes are links
         page.locator("tr.face td.path a").first.click()
         page.wait_for_url(re.compile(r".*/images/[0-9a-f]{64}$"))
-        _until(page, "document.querySelector('#picture img').complete && document.querySelector('#picture img').naturalWidth > 0")
+        until(page, "document.querySelector('#picture img').complete && document.querySelector('#picture img').naturalWidth > 0")
         boxes = page.locator("#picture a.box")
         assert boxes.count() >= 1
         page.screenshot(path=str(OUT / "review-2-image.png"), full_page=True)
@@ -129,7 +83,7 @@ def test_review_page_end_to_end(browser, server) -> None:  # noqa: ANN001
         boxes.first.click()
         page.wait_for_url(re.compile(r".*/faces/\d+$"))
         face_id = int(page.url.rsplit("/", 1)[1])
-        _until(page, "document.querySelector('#face-large').complete && document.querySelector('#face-large').naturalWidth > 0")
+        until(page, "document.querySelector('#face-large').complete && document.querySelector('#face-large').naturalWidth > 0")
         assert re.match(r"\d\.\d{4}", page.inner_text("#p-male"))
         # record a review
         page.select_option("#status", "corrected")

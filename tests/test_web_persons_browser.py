@@ -11,52 +11,29 @@ either is missing, except in CI, where that is a failure."""
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 
 import pytest
 from sqlalchemy import select
 
-from tests import query_fixtures, test_web_browser
-from tests.query_fixtures import DevDB, copy_db
-from tests.test_web_browser import OUT
+from tests import query_fixtures, web_fixtures
+from tests.web_fixtures import OUT, until
 
-dev_db = query_fixtures.dev_db  # the fixtures these tests use
-browser = test_web_browser.browser
+dev_db, browser, browser_db, serve_page = query_fixtures.dev_db, web_fixtures.browser, web_fixtures.browser_db, web_fixtures.serve_page
 
 
 @pytest.fixture
-def server(dev_db: DevDB, tmp_path):  # noqa: ANN001, ANN201
-    """The review page over a SQLite copy of the dev database, its faces grouped by recluster."""
-    from daemon import config
+def server(browser_db: str, serve_page: Callable[[str], str]) -> tuple[str, str]:
+    """The review page over a SQLite copy of the dev database, its faces grouped by recluster:
+    (its address, the database URL)."""
     from daemon.config import IdentityConfig
     from daemon.store.engine import open_store_engine
     from daemon.store.persons import recluster
-    from daemon.web import create_app, serve_in_thread
 
-    url = f"sqlite:///{tmp_path / 'browser.db'}"
-    copy_db(dev_db.url, url)
-    engine = open_store_engine(url)
+    engine = open_store_engine(browser_db)
     recluster(engine, IdentityConfig())
     engine.dispose()
-    app = create_app(config.parse({"database": url}, check_paths=False), hosts=("127.0.0.1",))
-    srv, thread, port = serve_in_thread(app)
-    try:
-        yield f"http://127.0.0.1:{port}", url
-    finally:
-        srv.should_exit = True
-        thread.join(15)
-        app.close()
-
-
-def _until(page, expr: str, timeout: float = 20.0) -> None:  # noqa: ANN001
-    """Poll a page expression until it is true (page.wait_for_function would need 'unsafe-eval',
-    which the page's Content-Security-Policy rightly forbids)."""
-    import time
-
-    end = time.monotonic() + timeout
-    while not page.evaluate(expr):
-        if time.monotonic() > end:
-            raise AssertionError(f"still false after {timeout} s: {expr}")
-        page.wait_for_timeout(100)
+    return serve_page(browser_db), browser_db
 
 
 def _faces(page) -> list[int]:  # noqa: ANN001
@@ -94,7 +71,7 @@ def test_merge_split_and_name_a_person(browser, server) -> None:  # noqa: ANN001
         ids = [int(c.get_attribute("data-person-id")) for c in cards.all()]
         counts = [int(re.match(r"(\d+) face", t).group(1)) for t in page.locator("#persons .person .muted").all_inner_texts()]
         assert counts == sorted(counts, reverse=True) and min(counts) >= 2
-        _until(page, "Array.from(document.querySelectorAll('#persons img.thumb')).slice(0, 3).every(i => i.complete && i.naturalWidth > 0)")
+        until(page, "Array.from(document.querySelectorAll('#persons img.thumb')).slice(0, 3).every(i => i.complete && i.naturalWidth > 0)")
         page.screenshot(path=str(OUT / "persons-1-grid.png"))
         keep, other = ids[0], ids[1]
         # open a person and say who reviews
