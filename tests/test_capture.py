@@ -156,6 +156,31 @@ def test_a_broken_exif_block_costs_nothing_else() -> None:
     assert dec.bgr.shape == (48, 64, 3)  # the image still decodes; what could not be read is noted or absent
 
 
+def test_warnings_become_notes_and_leave_the_process_state_alone() -> None:
+    """Pillow's warnings are caught per image (catch_warnings swaps process-wide state, so the
+    service and the review page, which decode on several threads, must take turns)."""
+    import threading
+    import warnings
+
+    data = bytearray(jpeg_with(make_exif()))
+    at = data.find(b"Exif\x00\x00") + 6
+    data[at + 8 : at + 40] = b"\xff" * 32
+    filters, show = list(warnings.filters), warnings.showwarning
+    notes: list[tuple[str, ...]] = []
+
+    def work() -> None:
+        for _ in range(10):
+            notes.append(images.decode(bytes(data)).notes)
+
+    threads = [threading.Thread(target=work) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert len(notes) == 40 and all(any(n.startswith("EXIF: ") for n in ns) for ns in notes)
+    assert warnings.filters == filters and warnings.showwarning is show
+
+
 # -- filters -------------------------------------------------------------------------------------
 
 

@@ -80,6 +80,7 @@ Limits
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import io
@@ -89,9 +90,10 @@ import os
 import re
 import stat
 import struct
+import threading
 import warnings
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import cv2
@@ -707,16 +709,22 @@ def _orientation_from_exif(exif: Image.Exif | None, notes: list[str]) -> int:
     return 1
 
 
-def _exif_facts(read: Callable[[], Image.Exif | None], notes: list[str]) -> tuple[int, Capture | None]:
-    """Orientation and capture metadata from the EXIF block ``read`` returns; what Pillow warns
-    about while parsing it (tags pointing past the file, ...) becomes a note, never an error."""
-    with warnings.catch_warnings(record=True) as caught:
+_WARNINGS = threading.RLock()  # catch_warnings swaps process-wide state: one thread at a time
+
+
+@contextlib.contextmanager
+def _warnings_as_notes(notes: list[str]) -> Iterator[None]:
+    """What Pillow warns about inside the block (an EXIF tag pointing past the file, ...) becomes
+    a note of the image, never an error or a line on stderr."""
+    with _WARNINGS, warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        exif = read()
-        orientation = _orientation_from_exif(exif, notes)
-        meta = capture(exif, notes)
+        yield
     notes.extend(dict.fromkeys(f"EXIF: {str(w.message)[:120]}" for w in caught))
-    return orientation, meta
+
+
+def _exif_facts(exif: Image.Exif | None, notes: list[str]) -> tuple[int, Capture | None]:
+    """Orientation and capture metadata from an EXIF block."""
+    return _orientation_from_exif(exif, notes), capture(exif, notes)
 
 
 def _read_exif(fmt: str, data: bytes, im: Image.Image, notes: list[str]) -> Image.Exif | None:
@@ -794,7 +802,8 @@ def _probe_heif(data: bytes) -> _Probe:
             notes.append(f"unreadable EXIF ignored ({type(err).__name__})")
             return None
 
-    orientation, meta = _exif_facts(read, notes)
+    with _warnings_as_notes(notes):
+        orientation, meta = _exif_facts(read(), notes)
     width, height = (info.height, info.width) if orientation >= 5 else (info.width, info.height)
     if width <= 0 or height <= 0:
         raise _corrupt("heic", f"the header declares {width}x{height} pixels")
@@ -809,18 +818,14 @@ def _probe(data: bytes) -> _Probe:
         return _probe_heif(data)
     notes: list[str] = []
     try:
-        # Pillow parses the EXIF block while opening a JPEG (for its resolution): a warning there
-        # (a tag pointing past the file) is noted by _exif_facts' rule, never an error
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            with Image.open(io.BytesIO(data), formats=[fmt.upper()]) as im:
-                width, height = im.size
-                if fmt == "tiff":  # Pillow reports TIFF sizes already rotated by the Orientation tag
-                    width, height = im.tag_v2.get(256, width), im.tag_v2.get(257, height)
-                mode = im.mode
-                orientation, meta = _exif_facts(lambda: _read_exif(fmt, data, im, notes), notes)
-                frames = _count_frames(fmt, data, im, notes)
-        notes.extend(dict.fromkeys(f"EXIF: {str(w.message)[:120]}" for w in caught))
+        # Pillow parses the EXIF block while opening a JPEG (for its resolution): warnings from here on are notes
+        with _warnings_as_notes(notes), Image.open(io.BytesIO(data), formats=[fmt.upper()]) as im:
+            width, height = im.size
+            if fmt == "tiff":  # Pillow reports TIFF sizes already rotated by the Orientation tag
+                width, height = im.tag_v2.get(256, width), im.tag_v2.get(257, height)
+            mode = im.mode
+            orientation, meta = _exif_facts(_read_exif(fmt, data, im, notes), notes)
+            frames = _count_frames(fmt, data, im, notes)
     except Exception as err:
         ihdr = _png_ihdr(data) if fmt == "png" else None
         if ihdr is None:
