@@ -600,8 +600,8 @@ def with_capture(conn: Connection, rows: Iterable[dict], chunk: int = 500) -> It
 
 
 def _add_capture(conn: Connection, batch: list[dict]) -> list[dict]:
-    found = capture.of_images(conn, sorted({r["image_id"] for r in batch if r.get("image_id") is not None}))
-    return [{**r, **capture_record(found.get(r.get("image_id")))} if found.get(r.get("image_id")) else r for r in batch]
+    found = capture.lookup(conn, sorted({r["image_id"] for r in batch if r.get("image_id") is not None}))
+    return [{**r, **capture_record(c)} if (c := found.get(r.get("image_id"))) else r for r in batch]
 
 
 @dataclass(frozen=True)

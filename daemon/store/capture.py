@@ -79,8 +79,13 @@ def conditions(
 
 
 def of_images(conn: Connection, image_ids: list[int]) -> dict[int, dict[str, Any]]:
-    """image id -> its capture fields, for the images that have a row."""
-    if not image_ids or not has_table(conn):
+    """image id -> its capture fields, for the images that have a row (none on an older schema)."""
+    return lookup(conn, image_ids) if image_ids and has_table(conn) else {}
+
+
+def lookup(conn: Connection, image_ids: list[int]) -> dict[int, dict[str, Any]]:
+    """:func:`of_images` where the caller already knows the table exists."""
+    if not image_ids:
         return {}
     rows = conn.execute(select(image_capture).where(image_capture.c.image_id.in_(image_ids))).mappings()
     return {r["image_id"]: {k: r[k] for k in FIELDS} for r in rows}
