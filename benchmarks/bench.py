@@ -13,13 +13,17 @@ See ``benchmarks/README.md`` for what every figure means. In short, one run:
    (``research_reference.py``);
 3. detection recall at IoU 0.5 on ``dev/wider`` (faces >= 32 px) and on the bench set, for the
    product and the reference;
-4. optionally: the service (``forensic-gender run``) figure, an RSS curve through one worker
+4. a video minute (``var/bench/video/``, built once: 60 s of 1080p30 H.264 made of dev/wider
+   scenes): decode-only frames/s, the pipeline's seconds per video minute at the configured
+   interval, and peak RSS of a one-thread process on the video against 12 MP photos;
+5. optionally: the service (``forensic-gender run``) figure, an RSS curve through one worker
    (``--rss N``), and an onnxruntime-arena check (``--memcheck``);
-5. writes ``var/bench/result.json`` and ``var/bench/result.md`` and prints the ratios.
+6. writes ``var/bench/result.json`` and ``var/bench/result.md`` and prints the ratios.
 
     .venv/bin/python benchmarks/bench.py            # full (make bench)
     .venv/bin/python benchmarks/bench.py --quick    # small set, 2 repetitions
     .venv/bin/python benchmarks/bench.py --only rss --rss 5000
+    .venv/bin/python benchmarks/bench.py --only video
 """
 
 from __future__ import annotations
@@ -426,7 +430,7 @@ def child_scan(args: argparse.Namespace) -> int:
 def _bound_proc(kind: str, paths: list[str], pipeline_json: str, counter, barrier, q) -> None:  # noqa: ANN001
     """One process of a bound: prepare inputs, wait for the others, then claim work dynamically."""
     from daemon.config import parse
-    from daemon.pipeline import align, detect, images
+    from daemon.pipeline import align, detect, images, reading
     from daemon.pipeline.analyze import load_pipeline
 
     cfg = parse({"pipeline": json.loads(pipeline_json)}, check_paths=False).pipeline
@@ -436,7 +440,7 @@ def _bound_proc(kind: str, paths: list[str], pipeline_json: str, counter, barrie
     prepared: list = []
     if kind in ("detect", "session"):
         for p in paths:
-            dec = images.decode(images.read_file(p).data, max_pixels=lim.max_pixels, min_side_hint=hint)
+            dec = images.decode(reading.read_file(p).data, max_pixels=lim.max_pixels, min_side_hint=hint)
             if kind == "detect":
                 prepared.append(dec.bgr)
             else:  # the detector's own input tensors, made exactly as Detector.detect makes them
@@ -458,7 +462,7 @@ def _bound_proc(kind: str, paths: list[str], pipeline_json: str, counter, barrie
         if i >= len(paths):
             break
         if kind == "decode":
-            fb = images.read_file(paths[i], max_bytes=lim.max_file_bytes)
+            fb = reading.read_file(paths[i], max_bytes=lim.max_file_bytes)
             images.decode(fb.data, max_pixels=lim.max_pixels, min_side_hint=hint)
         elif kind == "detect":
             faces += len(pipe.detector.detect(prepared[i]))
@@ -823,6 +827,226 @@ def measure_memseq(items: list[dict], pipeline_json: str, reps: int = 2) -> dict
 
 
 # ============================================================================================
+# Video: a minute of 1080p H.264 made of dev/wider scenes; decode-only bound, the pipeline, memory
+
+VIDEO_VERSION = 1
+
+
+def _video_window(sc: dict, j: int, per: int, margin: int) -> tuple[int, int]:
+    """Top-left corner, on the scene's canvas, of frame ``j`` of a scene held ``per`` frames (a slow pan)."""
+    a = j / max(1, per - 1)
+    x0, y0, x1, y1 = sc["pan"]
+    return margin + int(round(x0 + (x1 - x0) * a)), margin + int(round(y0 + (y1 - y0) * a))
+
+
+def video_truth(m: dict, index: int) -> list[list[float]]:
+    """The ground-truth boxes of frame ``index`` (an ordinal, as ``Face.frame``) of the bench video."""
+    p = m["params"]
+    per = int(round(p["hold"] * p["fps"]))
+    k, j = divmod(index, per)
+    if k >= len(m["scenes"]):
+        return []
+    sc = m["scenes"][k]
+    cx, cy = _video_window(sc, j, per, p["margin"])
+    s, (ox, oy) = sc["scale"], sc["offset"]
+    return [[b[0] * s + ox - cx, b[1] * s + oy - cy, b[2] * s + ox - cx, b[3] * s + oy - cy] for b in sc["truth"]]
+
+
+def build_video(out: Path, seconds: int = 60, fps: int = 30, hold: float = 2.0, seed: int = 0, noise_sigma: tuple[float, float] = (8.0, 4.0)) -> dict:
+    """Build (or reuse) ``out/scenes-<seconds>s-1080p<fps>.mp4``: H.264 (libx264, yuv420p, CRF 23,
+    preset veryfast) at 1920x1080, one dev/wider scene every ``hold`` seconds (evenly spread over
+    the sorted label file), each letterboxed (black bars) into a canvas slightly larger than the
+    frame that the frame window pans over slowly (< 1 px per frame), with sensor-like noise that
+    changes every frame, so that it compresses like camera footage and not like a slide show:
+    luminance sigma 8 + colour sigma 4 make ~18 Mbit/s, what phones record at 1080p30 in H.264
+    (decoding cost grows with the bitrate: sigma 3 + 2 make 1.2 Mbit/s and decode ~4x faster).
+    Returns the manifest (the truth boxes of every scene and where they move: ``video_truth``)."""
+    import av
+    import cv2
+
+    W, H, M = 1920, 1080, 24  # frame size; the margin the pan moves in
+    params = {"version": VIDEO_VERSION, "seconds": seconds, "fps": fps, "hold": hold, "seed": seed, "size": [W, H],
+              "margin": M, "noise_sigma": list(noise_sigma), "codec": "libx264", "pix_fmt": "yuv420p", "crf": 23, "preset": "veryfast"}
+    path, mpath = out / f"scenes-{seconds}s-{H}p{fps}.mp4", out / f"scenes-{seconds}s-{H}p{fps}.json"
+    if path.exists() and mpath.exists():
+        m = json.loads(mpath.read_text())
+        if m.get("params") == params and m.get("bytes") == path.stat().st_size:
+            return dict(m, path=str(path))
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    labels = read_wider_labels()
+    files = sorted(labels)
+    per = int(round(hold * fps))
+    n_frames = int(seconds * fps)
+    n_scenes = -(-n_frames // per)
+    rng = np.random.default_rng(seed)
+    # a few noise fields (luminance and colour sigma), cycled: drawing 6 M normal samples
+    # per frame would cost more than encoding it; kept as the saturating +/- parts for cv2.add/subtract
+    noise = []
+    for _ in range(7):
+        n = rng.normal(0.0, noise_sigma[0], (H, W, 1)) + rng.normal(0.0, noise_sigma[1], (H, W, 3))
+        noise.append((np.clip(n, 0, 255).astype(np.uint8), np.clip(-n, 0, 255).astype(np.uint8)))
+    scenes, canvases = [], []
+    for i in _pick(n_scenes, len(files)):
+        img = cv2.imread(str(WIDER / "images" / files[i]), cv2.IMREAD_COLOR)
+        h, w = img.shape[:2]
+        s = min((W + 2 * M) / w, (H + 2 * M) / h)
+        nw, nh = int(round(w * s)), int(round(h * s))
+        ox, oy = (W + 2 * M - nw) // 2, (H + 2 * M - nh) // 2
+        canvas = np.zeros((H + 2 * M, W + 2 * M, 3), np.uint8)
+        canvas[oy:oy + nh, ox:ox + nw] = cv2.resize(img, (nw, nh), interpolation=cv2.INTER_CUBIC if s > 1 else cv2.INTER_AREA)
+        canvases.append(canvas)
+        scenes.append({"source": files[i], "scale": s, "offset": [ox, oy], "pan": [int(v) for v in rng.integers(-M, M + 1, 4)],
+                       "truth": labels[files[i]]})
+    tmp = path.with_name(path.stem + ".part.mp4")
+    from fractions import Fraction
+
+    with av.open(str(tmp), "w") as oc:
+        st = oc.add_stream("libx264", rate=fps, options={"crf": str(params["crf"]), "preset": params["preset"]})
+        st.width, st.height, st.pix_fmt = W, H, "yuv420p"
+        for f in range(n_frames):
+            k, j = divmod(f, per)
+            cx, cy = _video_window(scenes[k], j, per, M)
+            img = canvases[k][cy:cy + H, cx:cx + W]
+            plus, minus = noise[f % len(noise)]
+            img = cv2.subtract(cv2.add(img, plus), minus)
+            frame = av.VideoFrame.from_ndarray(img, format="bgr24")
+            frame.pts, frame.time_base = f, Fraction(1, fps)
+            for pkt in st.encode(frame):
+                oc.mux(pkt)
+        for pkt in st.encode():
+            oc.mux(pkt)
+    tmp.replace(path)
+    size = path.stat().st_size
+    m = {"params": params, "bytes": size, "frames": n_frames, "mbit_per_s": size * 8 / 1e6 / seconds,
+         "build_seconds": time.perf_counter() - t0, "scenes": scenes}
+    mpath.write_text(json.dumps(m, indent=1))
+    return dict(m, path=str(path))
+
+
+def child_video(args: argparse.Namespace) -> int:
+    """One process as a worker runs (one thread): ``decode`` = the video's frames decoded as the
+    pipeline decodes them (every frame; the sampled ones converted to BGR), no models loaded;
+    ``pipeline`` = ``load_pipeline(threads=1)``, one dev/wider scene to warm up, then
+    ``Pipeline.analyze_file`` on each of ``--paths`` (the video, or 12 MP photos)."""
+    from daemon.config import parse
+
+    cfg = parse({"pipeline": json.loads(args.pipeline or "{}")}, check_paths=False).pipeline
+    paths = json.loads(args.paths)
+    res: dict = {"mode": args.mode, "rss_start_bytes": _proc_status(os.getpid()).get("VmRSS", 0), "files": []}
+    if args.mode == "decode":
+        from daemon.pipeline import video
+
+        for p in paths:
+            with open(p, "rb") as fo:
+                fmt = video.sniff(fo.read(video.SNIFF_BYTES))
+                c0, t0 = time.process_time(), time.perf_counter()
+                with video.open_clip(fo, fmt, max_pixels=cfg.limits.max_pixels) as clip:  # threads=1, as the pipeline
+                    decoded = [0]
+                    every = clip._decoded
+
+                    def counted(every=every, decoded=decoded):  # noqa: ANN202
+                        for x in every():
+                            decoded[0] = x[0] + 1
+                            yield x
+
+                    clip._decoded = counted
+                    sampled = sum(1 for _ in clip.sample(cfg.video.interval, max_frames=10**9, deadline=float("inf")))
+                    info = clip.info
+                res["files"].append({"path": p, "seconds": time.perf_counter() - t0, "cpu_seconds": time.process_time() - c0,
+                                     "decoded": decoded[0], "sampled": sampled, "duration": info.duration, "fps": info.fps,
+                                     "codec": info.codec, "width": info.width, "height": info.height})
+    else:
+        from daemon.pipeline.analyze import load_pipeline
+
+        pipe = load_pipeline(cfg, threads=1)
+        res["rss_loaded_bytes"] = _proc_status(os.getpid()).get("VmRSS", 0)
+        if args.warm:
+            pipe.analyze_file(args.warm)
+        res["rss_warm_bytes"] = _proc_status(os.getpid()).get("VmRSS", 0)
+        res["hwm_before_bytes"] = _proc_status(os.getpid()).get("VmHWM", 0)
+        for p in paths:
+            c0, t0 = time.process_time(), time.perf_counter()
+            r = pipe.analyze_file(p)
+            v = r.video
+            res["files"].append({"path": p, "seconds": time.perf_counter() - t0, "cpu_seconds": time.process_time() - c0,
+                                 "format": r.format, "width": r.width, "height": r.height, "stage_seconds": r.seconds,
+                                 "faces": [{"frame": f.frame, "box": list(f.box), "score": f.score} for f in r.faces],
+                                 "sampled": len(v.sampled) if v else None, "sampled_frames": [x.frame for x in v.sampled] if v else None,
+                                 "duration": v.duration if v else None,
+                                 "cut": v.cut if v else None, "cut_detail": v.cut_detail if v else None,
+                                 "rss_after_bytes": _proc_status(os.getpid()).get("VmRSS", 0)})
+    st = _proc_status(os.getpid())
+    res.update(peak_rss_bytes=st.get("VmHWM", 0), rss_end_bytes=st.get("VmRSS", 0), loadavg=os.getloadavg())
+    Path(args.out).write_text(json.dumps(res, default=str))
+    return 0
+
+
+def measure_video(items: list[dict], pipeline_json: str, reps: int = 1, seconds: int = 60) -> dict:
+    """Side by side, in fresh processes (one thread each, as a worker): decode only, the pipeline
+    on the video at the configured interval, and the pipeline on three 12 MP photos of the set
+    (peak RSS compared). Each run ``reps`` times, in rotating order."""
+    from daemon.config import parse
+
+    m = build_video(OUT / "video", seconds=seconds)
+    vpath = m["path"]
+    scene = next(it["path"] for it in items if it["kind"] == "scene")
+    cams = [it["path"] for it in items if it["kind"] == "camera"][:3]
+    interval = parse({"pipeline": json.loads(pipeline_json)}, check_paths=False).pipeline.video.interval
+    run_dir = OUT / "run"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    steps = [("decode", [vpath], ""), ("pipeline", [vpath], scene)] + ([("image", cams, scene)] if cams else [])
+    runs: dict[str, list[dict]] = {}
+    for r in range(reps):
+        k = r % len(steps)
+        for key, paths, warm in steps[k:] + steps[:k]:
+            out = run_dir / f"video-{key}.json"
+            la = os.getloadavg()
+            t = time.perf_counter()
+            subprocess.run([PY, __file__, "_video", "--mode", "decode" if key == "decode" else "pipeline", "--paths", json.dumps(paths),
+                            "--warm", warm, "--out", str(out), "--pipeline", pipeline_json], cwd=ROOT, check=True)
+            res = json.loads(out.read_text())
+            res["loadavg_before"] = la
+            runs.setdefault(key, []).append(res)
+            f0 = res["files"][0]
+            what = (f"{f0['decoded'] / f0['seconds']:7.1f} frames/s decoded" if key == "decode" else
+                    f"{f0['seconds'] * 60 / f0['duration']:7.1f} s per video minute, {len(f0['faces'])} faces" if key == "pipeline" else
+                    f"{statistics.mean(x['seconds'] for x in res['files']):7.2f} s per 12 MP photo")
+            print(f"  rep {r + 1}/{reps} video/{key:8s} {what}, peak RSS {gib(res['peak_rss_bytes']):.3f} GiB "
+                  f"({time.perf_counter() - t:5.1f} s, load {la[0]:.2f})", flush=True)
+    fig: dict = {"file": {k: m[k] for k in ("path", "bytes", "frames", "mbit_per_s", "params")}, "interval": interval, "runs": runs}
+    if "decode" in runs:
+        d = [x["files"][0] for x in runs["decode"]]
+        fig["decode"] = {"frames_per_s": stats([x["decoded"] / x["seconds"] for x in d]),
+                         "seconds_per_video_minute": stats([x["seconds"] * 60 / x["duration"] for x in d]),
+                         "cpu_seconds_per_video_minute": stats([x["cpu_seconds"] * 60 / x["duration"] for x in d]),
+                         "decoded": d[0]["decoded"], "sampled": d[0]["sampled"], "duration": d[0]["duration"],
+                         "peak_rss_bytes": stats([x["peak_rss_bytes"] for x in runs["decode"]])}
+    if "pipeline" in runs:
+        p = [x["files"][0] for x in runs["pipeline"]]
+        found = {}
+        for f in p[0]["faces"]:
+            found.setdefault(str(f["frame"]), {"boxes": [], "scores": []})
+            found[str(f["frame"])]["boxes"].append(f["box"])
+            found[str(f["frame"])]["scores"].append(f["score"])
+        truth = {str(i): video_truth(m, i) for i in p[0]["sampled_frames"]}
+        fig["pipeline"] = {"seconds_per_video_minute": stats([x["seconds"] * 60 / x["duration"] for x in p]),
+                           "cpu_seconds_per_video_minute": stats([x["cpu_seconds"] * 60 / x["duration"] for x in p]),
+                           "sampled_frames_per_s": stats([x["sampled"] / x["seconds"] for x in p]),
+                           "sampled": p[0]["sampled"], "faces": len(p[0]["faces"]), "cut": p[0]["cut"],
+                           "stage_seconds": p[0]["stage_seconds"], "recall_ge32": recall(truth, found, 32),
+                           "peak_rss_bytes": stats([x["peak_rss_bytes"] for x in runs["pipeline"]]),
+                           "rss_loaded_bytes": stats([x["rss_loaded_bytes"] for x in runs["pipeline"]]),
+                           "rss_warm_bytes": stats([x["rss_warm_bytes"] for x in runs["pipeline"]])}
+    if "image" in runs:
+        fig["image"] = {"seconds_per_image": stats([statistics.mean(f["seconds"] for f in x["files"]) for x in runs["image"]]),
+                        "images": len(cams), "peak_rss_bytes": stats([x["peak_rss_bytes"] for x in runs["image"]]),
+                        "rss_loaded_bytes": stats([x["rss_loaded_bytes"] for x in runs["image"]]),
+                        "rss_warm_bytes": stats([x["rss_warm_bytes"] for x in runs["image"]])}
+    return fig
+
+
+# ============================================================================================
 # Orchestration and reporting
 
 
@@ -859,19 +1083,24 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--list"), c.add_argument("--n", type=int), c.add_argument("--out"), c.add_argument("--pipeline", default="{}")
     c = sub.add_parser("_memseq")
     c.add_argument("--list"), c.add_argument("--out"), c.add_argument("--variant", choices=list(MEM_VARIANTS)), c.add_argument("--pipeline", default="{}")
+    c = sub.add_parser("_video")
+    c.add_argument("--mode", choices=["decode", "pipeline"]), c.add_argument("--paths"), c.add_argument("--warm", default="")
+    c.add_argument("--out"), c.add_argument("--pipeline", default="{}")
     ap.add_argument("--quick", action="store_true", help="small set (16 scenes + 6 camera images), 2 repetitions (reference and service once), recall on a third of dev/wider")
     ap.add_argument("--scenes", type=int, help="dev/wider scenes in the set (default 36; quick 16)")
     ap.add_argument("--camera", type=int, help="4000x3000 camera images in the set (default 12; quick 6)")
     ap.add_argument("--reps", type=int, help="repetitions of every timed figure (default 3; quick 2)")
     ap.add_argument("--workers", type=int, default=0, help="N for the N-worker figures (default: one per core)")
     ap.add_argument("--pipeline", default="{}", help="pipeline configuration overrides as JSON, e.g. '{\"detector\": {\"max_side\": 960}}'")
-    ap.add_argument("--only", default="", help="comma list of: bounds,scan,reference,recall,service,rss,memcheck (default: all but rss/memcheck unless asked)")
+    ap.add_argument("--only", default="", help="comma list of: bounds,scan,reference,recall,service,video,rss,memcheck (default: all but rss/memcheck unless asked)")
     ap.add_argument("--skip", default="", help="comma list of parts to skip")
     ap.add_argument("--variants", default="", help=f"comma list of scan variants measured beside the product, side by side: {', '.join(VARIANTS)}")
     ap.add_argument("--service-reps", type=int, help="repetitions of the service figure (default 2, quick 1)")
     ap.add_argument("--ref-reps", type=int, help="repetitions of the (slow) reference (default: 2, quick 1)")
     ap.add_argument("--rss", type=int, default=0, help="images through one worker for the RSS curve (e.g. 5000); 0: not run")
     ap.add_argument("--memcheck", action="store_true", help="run the onnxruntime arena on/off memory check")
+    ap.add_argument("--video-reps", type=int, default=1, help="repetitions of the video figures (default 1: ~1.5 min each on a busy 2-core box)")
+    ap.add_argument("--video-seconds", type=int, default=60, help="length of the bench video (default 60: the figures are per video minute)")
     ap.add_argument("--recall-every", type=int, help="use every k-th dev/wider scene for recall (default 1; quick 3)")
     ap.add_argument("--out", default=str(OUT), help="output folder (default var/bench)")
     args = ap.parse_args(argv)
@@ -881,6 +1110,8 @@ def main(argv: list[str] | None = None) -> int:
         return child_rss(args)
     if args.child == "_memseq":
         return child_memseq(args)
+    if args.child == "_video":
+        return child_video(args)
 
     OUT = Path(args.out).resolve()
     q = args.quick
@@ -889,7 +1120,7 @@ def main(argv: list[str] | None = None) -> int:
     reps = args.reps or (2 if q else 3)
     recall_every = args.recall_every or (3 if q else 1)
     nw = args.workers or len(os.sched_getaffinity(0))
-    parts = {"bounds", "scan", "reference", "recall", "service"}
+    parts = {"bounds", "scan", "reference", "recall", "service", "video"}
     if args.only:
         parts = set(args.only.split(","))
     parts -= set(filter(None, args.skip.split(",")))
@@ -1078,6 +1309,10 @@ def main(argv: list[str] | None = None) -> int:
                             "startup_seconds": stats([s["startup_seconds"] for s in svc]), "runs": svc}
         else:
             F["service"] = {"pending": "daemon/service.py (forensic-gender run) is not in this checkout yet"}
+    if "video" in parts:
+        print(f"video: {args.video_seconds} s of 1080p30 H.264 from dev/wider scenes; decode only, pipeline, 12 MP photos (one thread each)", flush=True)
+        result["video"] = measure_video(items, args.pipeline, args.video_reps, args.video_seconds)
+        loads += [x["loadavg_before"][0] for runs in result["video"]["runs"].values() for x in runs]
     if "rss" in parts:
         n = args.rss or 300
         print(f"RSS curve: {n} images through one worker", flush=True)
@@ -1103,13 +1338,44 @@ def _fmt(s: dict | None, f: str = "{:.2f}") -> str:
     return f"{f.format(s['median'])} ({f.format(s['min'])}-{f.format(s['max'])})"
 
 
+def render_video(v: dict) -> list[str]:
+    fl, p = v["file"], v["file"]["params"]
+    lines = [f"video: {fl['path'].rsplit('/', 1)[-1]}, {p['seconds']} s {p['size'][0]}x{p['size'][1]} {p['fps']} fps "
+             f"{p['codec']} {p['pix_fmt']} CRF {p['crf']} {p['preset']}, {fl['bytes'] / 1e6:.1f} MB ({fl['mbit_per_s']:.1f} Mbit/s), "
+             f"a dev/wider scene every {p['hold']:g} s; one process, one thread each (as a worker), "
+             f"{len(next(iter(v['runs'].values())))} run(s); sampling interval {v['interval']:g} s", "",
+             "| video figure | s per video minute, median (min-max) | frames/s | CPU s per video minute | peak RSS GiB |", "|---|---|---|---|---|"]
+    g = lambda s: _fmt({k: gib(x) if k != "n" and x is not None else x for k, x in s.items()}, "{:.3f}")  # noqa: E731
+    if "decode" in v:
+        d = v["decode"]
+        lines.append(f"| decode only ({d['decoded']} frames decoded, {d['sampled']} converted) | {_fmt(d['seconds_per_video_minute'])} | "
+                     f"{_fmt(d['frames_per_s'], '{:.1f}')} decoded | {_fmt(d['cpu_seconds_per_video_minute'])} | {g(d['peak_rss_bytes'])} |")
+    if "pipeline" in v:
+        q = v["pipeline"]
+        rc = q["recall_ge32"]
+        lines.append(f"| pipeline, `analyze_file` ({q['sampled']} frames sampled, {q['faces']} faces; recall >= 32 px {rc['recall']:.3f} "
+                     f"({rc['found']}/{rc['total']}); cut: {q['cut'] or 'none'}) | {_fmt(q['seconds_per_video_minute'])} | "
+                     f"{_fmt(q['sampled_frames_per_s'], '{:.2f}')} sampled | {_fmt(q['cpu_seconds_per_video_minute'])} | {g(q['peak_rss_bytes'])} |")
+    if "image" in v:
+        im = v["image"]
+        lines.append(f"| pipeline, {im['images']} 12 MP photos (for comparison) | {_fmt(im['seconds_per_image'])} s per photo | | | {g(im['peak_rss_bytes'])} |")
+    if "pipeline" in v:
+        st = v["pipeline"]["stage_seconds"]
+        lines.append("")
+        lines.append("video pipeline stages (s): " + ", ".join(f"{k} {x:.1f}" for k, x in st.items())
+                     + f"; RSS after loading the models {g(v['pipeline']['rss_loaded_bytes'])} GiB, after one warm-up scene "
+                     + f"{g(v['pipeline']['rss_warm_bytes'])} GiB (then the video, or the photos: peak RSS above)")
+    return lines
+
+
 def render_markdown(r: dict, nw: int) -> str:
     F, R = r["figures"], r["ratios"]
     lines = [f"# forensic-gender bench ({r['when']})", "",
              f"`{r['command']}` - {r['set']['images']} images ({r['set']['scenes']} dev/wider scenes + {r['set']['camera']} 4000x3000 camera JPEGs), "
              f"{r['reps']} repetitions, N = {nw}; load average {r['loadavg_start'][0]:.2f} at start, "
-             f"{(r['loadavg_during_median'] or 0):.2f} median during, {r['loadavg_end'][0]:.2f} at end ({r['affinity']} CPUs).", "",
-             "| figure | images/s median (min-max) | faces/s | peak RSS / worker (GiB) |", "|---|---|---|---|"]
+             f"{(r['loadavg_during_median'] or 0):.2f} median during, {r['loadavg_end'][0]:.2f} at end ({r['affinity']} CPUs).", ""]
+    if any("images_per_s" in f for f in F.values()):
+        lines += ["| figure | images/s median (min-max) | faces/s | peak RSS / worker (GiB) |", "|---|---|---|---|"]
     order = ["decode_1", f"decode_{nw}", "session_1", "detector_1", f"detector_{nw}", "scan_1", f"scan_{nw}"]
     order += sorted(k for k in F if k.startswith("scan_") and k not in order) + ["service", "reference"]
     for key in order:
@@ -1129,7 +1395,8 @@ def render_markdown(r: dict, nw: int) -> str:
                   f"one image into an idle folder -> row in {_fmt(sv['single_image_latency_seconds'])} s, "
                   f"READY=1 after {_fmt(sv['startup_seconds'])} s, whole service peak RSS (sum) "
                   f"{gib(sv['service_peak_rss_sum_bytes']['median']):.2f} GiB"]
-    lines += ["", "| ratio | of medians | per repetition median (min-max) |", "|---|---|---|"]
+    if R:
+        lines += ["", "| ratio | of medians | per repetition median (min-max) |", "|---|---|---|"]
     for k, v in R.items():
         lines.append(f"| {k} | {v['of_medians']:.3f} | {v['median']:.3f} ({v['min']:.3f}-{v['max']:.3f}) |")
     for key in [k for k in order if k.startswith("scan_")]:
@@ -1165,6 +1432,8 @@ def render_markdown(r: dict, nw: int) -> str:
                     lines.append(f"| bench set {sub.replace('_ge32', '')} >= 32 px{' (' + tag + ')' if tag else ''} | "
                                  + (f"{p['recall']:.3f} ({p['found']}/{p['total']})" if p else "-") + " | "
                                  + (f"{q['recall']:.3f} ({q['found']}/{q['total']})" if q else "-") + " |")
+    if "video" in r:
+        lines += [""] + render_video(r["video"])
     if "rss_curve" in r:
         c = r["rss_curve"]
         lines += ["", f"RSS curve, one worker, {c['n']} images: peak {gib(c['peak_rss_bytes']):.3f} GiB, "

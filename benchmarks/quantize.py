@@ -43,10 +43,10 @@ def split_scenes(n_calib: int) -> tuple[list[str], list[str]]:
 
 def detector_inputs(pipe, path: str) -> list[np.ndarray]:  # noqa: ANN001
     """The detector's input tensors for one file, made as the product makes them."""
-    from daemon.pipeline import align, detect, images
+    from daemon.pipeline import align, detect, images, reading
 
     cfg = pipe.cfg
-    dec = images.decode(images.read_file(path).data, max_pixels=cfg.limits.max_pixels, min_side_hint=pipe.decode_hint())
+    dec = images.decode(reading.read_file(path).data, max_pixels=cfg.limits.max_pixels, min_side_hint=pipe.decode_hint())
     h, w = dec.bgr.shape[:2]
     out = []
     for ps in detect.plan_passes(w, h, cfg.detector.max_side, cfg.detector.tile_side):
@@ -143,13 +143,13 @@ def main(argv: list[str] | None = None) -> int:
     f = pipe.detector
 
     # recall on the evaluation scenes, product policy (decode, input size, threshold, NMS)
-    from daemon.pipeline import images
+    from daemon.pipeline import images, reading
 
     labels = read_wider_labels()
     truth, det_f, det_q = {}, {}, {}
     for name in evals:
         p = str(WIDER / "images" / name)
-        dec = images.decode(images.read_file(p).data, min_side_hint=pipe.decode_hint())
+        dec = images.decode(reading.read_file(p).data, min_side_hint=pipe.decode_hint())
         for tag, d, store in (("fp32", f, det_f), ("int8", q, det_q)):
             r = d.detect(dec.bgr).transformed(dec.scale)
             store[p] = {"boxes": r.boxes.tolist(), "scores": r.scores.tolist()}

@@ -33,12 +33,12 @@ TRAIN = ROOT.parent / "shared" / "data" / "train" / "lfw"
 def chips(pipe, folder: Path, files: list[str]) -> tuple[np.ndarray, list[int]]:  # noqa: ANN001
     """Backbone inputs of the centre face of each image, and which files had one."""
     from daemon import metrics
-    from daemon.pipeline import align, classify, images
+    from daemon.pipeline import align, classify, images, reading
 
     spec = pipe.backbone.spec
     xs, kept = [], []
     for k, f in enumerate(files):
-        dec = images.decode(images.read_file(folder / "images" / f).data)
+        dec = images.decode(reading.read_file(folder / "images" / f).data)
         dets = pipe.detector.detect(dec.bgr)
         if not len(dets):
             continue

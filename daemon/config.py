@@ -87,6 +87,20 @@ class LimitsConfig:
 
 
 @dataclass(frozen=True)
+class VideoConfig:
+    """Videos (:mod:`daemon.pipeline.video`): a frame every ``interval`` seconds (the first frame
+    always), at most ``max_frames`` per video, decoding and analysis within ``budget_seconds``
+    (a worker reports progress after every sampled frame, so ``service.file_timeout`` bounds the
+    time between two frames, not the whole video); files up to ``max_file_bytes`` (hashed
+    streaming, never held in memory)."""
+
+    interval: float = 2.0
+    max_frames: int = 300
+    budget_seconds: float = 600.0
+    max_file_bytes: int = 16 * 1024**3
+
+
+@dataclass(frozen=True)
 class PipelineConfig:
     """``providers``: onnxruntime execution providers in order of preference, from
     :data:`PROVIDERS` (README "GPUs"). A listed provider this host's onnxruntime does not offer is
@@ -100,6 +114,7 @@ class PipelineConfig:
     age: AgeConfig = field(default_factory=AgeConfig)
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
+    video: VideoConfig = field(default_factory=VideoConfig)
 
 
 @dataclass(frozen=True)
@@ -242,6 +257,11 @@ def _check(cfg: Config, problems: list[str], check_paths: bool) -> None:
     _check_providers(cfg.pipeline.providers, need)
     need(lim.max_pixels > 0, "pipeline.limits.max_pixels", f"must be positive, got {lim.max_pixels}")
     need(lim.max_file_bytes > 0, "pipeline.limits.max_file_bytes", f"must be positive, got {lim.max_file_bytes}")
+    v = cfg.pipeline.video
+    need(v.interval > 0, "pipeline.video.interval", f"must be positive seconds, got {v.interval}")
+    need(v.max_frames >= 1, "pipeline.video.max_frames", f"must be >= 1, got {v.max_frames}")
+    need(v.max_file_bytes > 0, "pipeline.video.max_file_bytes", f"must be positive, got {v.max_file_bytes}")
+    need(v.budget_seconds > 0, "pipeline.video.budget_seconds", f"must be positive seconds, got {v.budget_seconds}")
     need(svc.workers >= 0, "service.workers", f"must be >= 0 (0 = one per core), got {svc.workers}")
     need(svc.max_attempts >= 1, "service.max_attempts", f"must be >= 1, got {svc.max_attempts}")
     need(svc.lease_seconds > 0, "service.lease_seconds", f"must be positive, got {svc.lease_seconds}")

@@ -1,5 +1,5 @@
 """The words the service stores and reports, each set in one place: file states, failure
-reasons, watcher rescan reasons. They are ``StrEnum`` members, so they are the plain strings the
+reasons, why a video's sampling stopped, watcher rescan reasons. They are ``StrEnum`` members, so they are the plain strings the
 database, the exports and the log hold (``FileState.DONE == "done"``), and mypy checks every place
 that takes one.
 """
@@ -35,6 +35,7 @@ class Reason(StrEnum):
     TOO_BIG_FILE = "too_big_file"  # more bytes than limits.max_file_bytes
     SYMLINK = "symlink"  # a symbolic link where discovery saw a regular file or folder (never followed)
     REPLACED = "replaced"  # another file than the one discovered now has the name
+    NO_FRAMES = "no_frames"  # a video without one decodable video frame
     # the analysis (daemon.workers)
     MODEL_OUTPUT = "model_output"  # a model returned values that are not probabilities
     OUT_OF_MEMORY = "out_of_memory"
@@ -44,6 +45,15 @@ class Reason(StrEnum):
 
 
 IMAGE_REASONS = frozenset(Reason) - {Reason.MODEL_OUTPUT, Reason.OUT_OF_MEMORY, Reason.INTERNAL_ERROR, Reason.WORKER_CRASHED, Reason.WORKER_TIMEOUT}
+
+
+class VideoCut(StrEnum):
+    """Why sampling a video stopped before its end (``videos.cut``); the frames before it are kept."""
+
+    TRUNCATED = "truncated"  # the data ends early
+    CORRUPT = "corrupt"  # the data breaks inside
+    FRAME_LIMIT = "frame_limit"  # pipeline.video.max_frames frames sampled
+    TIME_BUDGET = "time_budget"  # pipeline.video.budget_seconds spent
 
 
 class Rescan(StrEnum):

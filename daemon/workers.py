@@ -13,17 +13,19 @@ or exceeds ``file_timeout`` on a file is replaced, and the file comes back as
 
 from __future__ import annotations
 
+import functools
 import logging
 import multiprocessing as mp
 import os
 import time
 import traceback
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
 
 from daemon.config import PipelineConfig
-from daemon.pipeline import images
+from daemon.pipeline import images, reading
 from daemon.pipeline.analyze import ImageResult
 from daemon.states import Reason
 
@@ -77,6 +79,13 @@ class Crashed:
     error: str
 
 
+@dataclass(frozen=True)
+class Progress:
+    """Not an outcome: a worker analysing a long file (a video, frame by frame) is not hung."""
+
+    file_id: int
+
+
 Outcome = Analysed | Linked | Failed | Crashed
 
 
@@ -111,33 +120,40 @@ def _worker_main(conn: Connection, cfg: PipelineConfig, db_url: str | None, thre
         task = todo.popleft()
         if marker and marker in task.path:
             os.abort()
-        conn.send(_process(pipeline, engine, task))
+        conn.send(_process(pipeline, engine, task, functools.partial(conn.send, Progress(task.file_id))))
 
 
-def _process(pipeline, engine, task: Task) -> Outcome:  # noqa: ANN001
+def _process(pipeline, engine, task: Task, progress: Callable[[], None] | None = None) -> Outcome:  # noqa: ANN001
     from daemon.pipeline.sessions import ModelOutputError
     from daemon.store.writer import analysed
 
+    seen: list[reading.FileHash] = []
+
+    def known(fh: reading.FileHash) -> bool:  # hashed: analysed already under this bundle?
+        seen.append(fh)
+        if engine is None:
+            return False
+        with engine.connect() as conn:
+            return analysed(conn, fh.sha256, pipeline.bundle_key)
+
+    def failed(reason: Reason, error: str) -> Failed:
+        h = seen[0] if seen else None
+        return Failed(task.file_id, reason, error, *((h.sha256, h.md5, h.size) if h else ()))
+
     try:
-        fb = images.read_file(task.path, max_bytes=pipeline.cfg.limits.max_file_bytes, root=task.root, inode=task.inode)
+        got = pipeline.analyze_path(task.path, root=task.root, inode=task.inode, known=known, progress=progress)
+        if isinstance(got, ImageResult):
+            return Analysed(task.file_id, got)
+        return Linked(task.file_id, got.sha256, got.md5, got.size, got.mtime_ns)
     except images.ImageError as err:
-        return Failed(task.file_id, err.reason, str(err))
-    hashes = {"sha256": fb.sha256, "md5": fb.md5, "size": fb.size}
-    try:
-        if engine is not None:
-            with engine.connect() as conn:
-                if analysed(conn, fb.sha256, pipeline.bundle_key):
-                    return Linked(task.file_id, fb.sha256, fb.md5, fb.size, fb.mtime_ns)
-        return Analysed(task.file_id, pipeline.analyze_bytes(fb, task.path))
-    except images.ImageError as err:
-        return Failed(task.file_id, err.reason, str(err), **hashes)
+        return failed(err.reason, str(err))
     except ModelOutputError as err:
-        return Failed(task.file_id, Reason.MODEL_OUTPUT, str(err), **hashes)
+        return failed(Reason.MODEL_OUTPUT, str(err))
     except MemoryError:
-        return Failed(task.file_id, Reason.OUT_OF_MEMORY, "decoding or analysing the image ran out of memory", **hashes)
+        return failed(Reason.OUT_OF_MEMORY, "decoding or analysing the file ran out of memory")
     except Exception as err:  # a bug: keep going, but record it loudly
         log.error("internal error on %s:\n%s", task.path, traceback.format_exc())
-        return Failed(task.file_id, Reason.INTERNAL_ERROR, f"{type(err).__name__}: {err}", **hashes)
+        return failed(Reason.INTERNAL_ERROR, f"{type(err).__name__}: {err}")
 
 
 class _Worker:
@@ -222,9 +238,11 @@ class WorkerPool:
             if w.conn in ready:
                 try:
                     while w.tasks and w.conn.poll(0):  # every answer already there, in order
-                        out.append(w.conn.recv())
-                        w.tasks.popleft()
-                        w.since = now  # the next queued task started when this answer was sent
+                        msg = w.conn.recv()
+                        w.since = now  # progress on tasks[0], or the next queued task started when this answer was sent
+                        if not isinstance(msg, Progress):
+                            out.append(msg)
+                            w.tasks.popleft()
                 except (EOFError, OSError):
                     pass
                 if not w.tasks:

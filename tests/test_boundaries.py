@@ -26,6 +26,7 @@ OWNERS: dict[str, set[str]] = {
     # debt: web/media.py resizes previews itself instead of through render.py
     "cv2": {"pipeline/images.py", "pipeline/align.py", "render.py", "web/media.py"},
     "pillow_heif": {"pipeline/heif.py"},
+    "av": {"pipeline/video.py"},
 }
 
 

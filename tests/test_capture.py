@@ -297,7 +297,7 @@ def test_images_filter_by_capture_after_a_scan(tmp_path: Path, models_ready: Non
     assert out.returncode == 0, out.stderr
     for r in csv.DictReader(io.StringIO(out.stdout)):  # the pictures hold no face; the columns are there
         raise AssertionError(f"no face expected, got {r}")
-    assert out.stdout.splitlines()[0].endswith("person_name,taken_at,taken_offset,camera_make,camera_model,gps_lat,gps_lon")
+    assert out.stdout.splitlines()[0].endswith("person_name,taken_at,taken_offset,camera_make,camera_model,gps_lat,gps_lon,frame,frame_time")
 
 
 def test_face_exports_carry_the_capture(tmp_path: Path, models_ready: None, dev_data: Path) -> None:

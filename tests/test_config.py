@@ -52,3 +52,11 @@ def test_unreadable_and_invalid_yaml(tmp_path: Path) -> None:
     bad.write_text("pipeline: [unclosed\n")
     with pytest.raises(config.ConfigError, match="not valid YAML"):
         config.load(bad)
+
+
+
+def test_video_limits_are_checked_with_their_paths() -> None:
+    with pytest.raises(config.ConfigError) as exc:
+        config.parse({"pipeline": {"video": {"budget_seconds": 0, "interval": 0, "max_frames": 0, "max_file_bytes": -1}}})
+    got = {p.split(":")[0] for p in exc.value.problems}
+    assert got == {"pipeline.video.budget_seconds", "pipeline.video.interval", "pipeline.video.max_frames", "pipeline.video.max_file_bytes"}

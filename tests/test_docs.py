@@ -16,7 +16,7 @@ import yaml
 
 from daemon import config
 from daemon.cli import build_parser
-from daemon.states import FileState, Reason, Rescan
+from daemon.states import FileState, Reason, Rescan, VideoCut
 
 REPO = Path(__file__).resolve().parents[1]
 DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
@@ -77,5 +77,5 @@ def test_every_config_key_is_in_the_example_with_its_default() -> None:
 
 def test_every_state_and_reason_is_documented() -> None:
     text = "\n".join(p.read_text(encoding="utf-8") for p in DOCS)
-    missing = [f"{e.__name__}.{m.name}" for e in (FileState, Reason, Rescan) for m in e if f"`{m.value}`" not in text]
+    missing = [f"{e.__name__}.{m.name}" for e in (FileState, Reason, Rescan, VideoCut) for m in e if f"`{m.value}`" not in text]
     assert not missing, f"name each in README.md or docs/*.md as `value` (what it means, what to do): {missing}"

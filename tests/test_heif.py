@@ -18,8 +18,9 @@ import pillow_heif
 import pytest
 from PIL import Image, features
 
-from daemon.pipeline import heif, images
-from daemon.pipeline.images import ImageError, decode, read_header, sniff_format
+from daemon.pipeline import heif, reading
+from daemon.pipeline.images import ImageError, decode, read_header
+from daemon.pipeline.structure import sniff_format
 
 ORIENTATION = 0x0112
 
@@ -166,11 +167,11 @@ def test_damaged_boxes_are_corrupt_and_impostors_are_not_images(tmp_path: Path) 
     assert reason(bytes(data)).reason == "corrupt"
     fake = tmp_path / "holiday.heic"
     fake.write_text("this is not a photo\n")
-    err = reason(images.read_file(fake).data)
+    err = reason(reading.read_file(fake).data)
     assert err.reason == "not_an_image" and "text starting 'this is not a photo" in err.message
     empty = tmp_path / "empty.heic"
     empty.write_bytes(b"")
-    assert reason(images.read_file(empty).data).reason == "empty"
+    assert reason(reading.read_file(empty).data).reason == "empty"
 
 
 def test_a_sequence_track_without_a_still_image_is_unsupported() -> None:

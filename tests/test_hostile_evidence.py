@@ -21,7 +21,7 @@ from sqlalchemy import create_engine, text
 
 from daemon import paths
 from daemon.discovery import walk
-from daemon.pipeline import images
+from daemon.pipeline import images, reading
 from daemon.store.engine import open_store_engine
 from daemon.store.writer import Store
 from tests.conftest import tree_manifest
@@ -121,12 +121,12 @@ def found(tmp_path: Path) -> tuple[Path, Path, Path]:
 def test_reader_opens_the_discovered_file_only(found: tuple[Path, Path, Path]) -> None:
     ev, a, secret = found
     ino = a.stat().st_ino
-    assert images.read_file(a, root=str(ev), inode=ino).data == png(1)
+    assert reading.read_file(a, root=str(ev), inode=ino).data == png(1)
 
     a.unlink()  # the file swapped for a link to content outside the root
     a.symlink_to(secret)
     with pytest.raises(images.ImageError) as err:
-        images.read_file(a, root=str(ev), inode=ino)
+        reading.read_file(a, root=str(ev), inode=ino)
     assert err.value.reason == "symlink"
 
     a.unlink()  # a folder on the path swapped for a link to a folder outside the root
@@ -135,20 +135,20 @@ def test_reader_opens_the_discovered_file_only(found: tuple[Path, Path, Path]) -
     sub.symlink_to(secret.parent, target_is_directory=True)
     (secret.parent / "a.png").write_bytes(png(3))
     with pytest.raises(images.ImageError) as err:
-        images.read_file(ev / "sub" / "a.png", root=str(ev), inode=ino)
+        reading.read_file(ev / "sub" / "a.png", root=str(ev), inode=ino)
     assert err.value.reason == "symlink"
 
     sub.unlink()  # another regular file under the same name
     sub.mkdir()
     (sub / "a.png").write_bytes(png(4))
     with pytest.raises(images.ImageError) as err:
-        images.read_file(sub / "a.png", root=str(ev), inode=ino)
+        reading.read_file(sub / "a.png", root=str(ev), inode=ino)
     assert err.value.reason == "replaced"
 
     (sub / "a.png").unlink()  # a FIFO: refused without being opened (opening it would block)
     os.mkfifo(sub / "a.png")
     with pytest.raises(images.ImageError) as err:
-        images.read_file(sub / "a.png", root=str(ev))
+        reading.read_file(sub / "a.png", root=str(ev))
     assert err.value.reason == "not_regular_file"
 
 

@@ -429,16 +429,16 @@ def test_media_requests_beyond_the_queue_are_told_to_retry(evidence: Evidence, m
 
 
 def test_cached_pixels_are_rechecked_against_the_file(evidence: Evidence, monkeypatch) -> None:  # noqa: ANN001
-    from daemon.pipeline import images
+    from daemon.pipeline import reading
 
     reads: list[bytes] = []
-    real_read = images.read_file
+    real_open = reading.opened
 
     def counting(path, **kw):  # noqa: ANN001, ANN003, ANN202
         reads.append(os.fsencode(path))
-        return real_read(path, **kw)
+        return real_open(path, **kw)
 
-    monkeypatch.setattr(images, "read_file", counting)
+    monkeypatch.setattr(reading, "opened", counting)
     client, app = _client(evidence.url)
     p, sha = evidence.path["small.jpg"], evidence.sha["small.jpg"]
     url = f"/media/image/{sha}.jpg"

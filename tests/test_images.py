@@ -24,8 +24,10 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFile, ImageOps
 
-from daemon.pipeline import images
-from daemon.pipeline.images import ImageError, decode, read_file, read_header, sniff_format
+from daemon.pipeline import images, reading, structure
+from daemon.pipeline.images import ImageError, decode, read_header
+from daemon.pipeline.reading import read_file
+from daemon.pipeline.structure import sniff_format
 
 RED_BGR = (0, 0, 255)
 
@@ -74,7 +76,7 @@ def solid(mode: str, colour: object, size: tuple[int, int] = (64, 48)) -> Image.
 def reason_of(data: bytes, **kw: object) -> str:
     with pytest.raises(ImageError) as info:
         decode(data, **kw)
-    assert info.value.reason in images.REASONS
+    assert info.value.reason in reading.REASONS
     return info.value.reason
 
 
@@ -157,7 +159,7 @@ def test_read_file_falls_back_when_noatime_is_refused(tmp_path: Path, monkeypatc
             raise PermissionError(errno.EPERM, "Operation not permitted")
         return real_open(p, flags, *args, **kw)
 
-    monkeypatch.setattr(images.os, "open", fake_open)
+    monkeypatch.setattr(reading.os, "open", fake_open)
     assert read_file(path).data == b"payload"
     if hasattr(os, "O_NOATIME"):
         assert len(seen) == 2 and not seen[1] & os.O_NOATIME and seen[1] & os.O_NONBLOCK
@@ -191,7 +193,7 @@ def test_fifo_named_jpg_returns_promptly_without_open(
     link.symlink_to(fifo)
     opened: list[object] = []
     real_open = os.open
-    monkeypatch.setattr(images.os, "open", lambda p, *a: opened.append(p) or real_open(p, *a))
+    monkeypatch.setattr(reading.os, "open", lambda p, *a: opened.append(p) or real_open(p, *a))
     alarm(5)
     for path in (fifo, link):
         with pytest.raises(ImageError) as info:
@@ -232,7 +234,7 @@ def test_fifo_swapped_in_after_stat_is_refused_without_blocking(
     fifo = tmp_path / "x.jpg"
     os.mkfifo(fifo)
     real_stat = os.stat
-    monkeypatch.setattr(images.os, "stat", lambda p, *a, **k: real_stat(regular) if os.fspath(p) == str(fifo) else real_stat(p, *a, **k))
+    monkeypatch.setattr(reading.os, "stat", lambda p, *a, **k: real_stat(regular) if os.fspath(p) == str(fifo) else real_stat(p, *a, **k))
     alarm(5)
     with pytest.raises(ImageError) as info:
         read_file(fifo)
@@ -266,7 +268,7 @@ def test_permission_denied_is_unreadable(tmp_path: Path) -> None:
     tmp_path.chmod(0o755)
     code = (
         "import os, sys\n"
-        "from daemon.pipeline.images import read_file, ImageError\n"
+        "from daemon.pipeline.reading import read_file, ImageError\n"
         "os.setgid(65534); os.setuid(65534)\n"
         "try:\n    read_file(sys.argv[1])\nexcept ImageError as e:\n    print(e.reason, e.message)\n"
     )
@@ -385,11 +387,11 @@ def test_truncated_jpeg(jpegs: dict[str, bytes], kind: str, cut: float | str, ca
 def test_jpeg_structure_check_alone_flags_truncation(jpegs: dict[str, bytes], kind: str) -> None:
     """The marker walk itself, independent of what a given OpenCV/Pillow build does with cut data."""
     data = jpegs[kind]
-    images._check_jpeg(data)
-    images._check_jpeg(data + b"\x00" * 10 + b"trailer")
+    structure._check_jpeg(data)
+    structure._check_jpeg(data + b"\x00" * 10 + b"trailer")
     for cut in (data[:-2], data[:-1], data[: len(data) // 2], data[: int(len(data) * 0.9)], data[:200]):
         with pytest.raises(ImageError) as info:
-            images._check_jpeg(cut)
+            structure._check_jpeg(cut)
         assert info.value.reason == "truncated"
 
 

@@ -19,10 +19,11 @@ from daemon.store import nearcopies as nc
 from daemon.store import persons as ps
 from daemon.store import reviews as rv
 from daemon.store import schema as s
+from daemon.store import videos as vid
 from daemon.store.engine import SCHEMA_VERSION, migrate, open_engine, schema_version
 
 RELEASED = range(1, SCHEMA_VERSION)  # every version a database may have been left at
-ROWS_UP_TO = 7  # released_database() inserts what each version up to this one allows
+ROWS_UP_TO = 8  # released_database() inserts what each version up to this one allows
 
 SHA = "a" * 64
 DESCRIPTOR = bytes(range(256))  # 128 float16, as the writer stores them
@@ -49,6 +50,9 @@ def released_database(conn: Connection, version: int) -> None:
     if version < 5:
         # step 1 creates today's schema.metadata, which gained faces.descriptor with version 5
         conn.execute(text("ALTER TABLE faces DROP COLUMN descriptor"))
+    if version < 9:  # ... and faces.frame, faces.frame_time with version 9
+        conn.execute(text("ALTER TABLE faces DROP COLUMN frame"))
+        conn.execute(text("ALTER TABLE faces DROP COLUMN frame_time"))
     recorded = version >= 4  # before version 4 a path was stored as the OS gave it
     path, root = (paths.to_db(p) if recorded else p.decode() for p in (RAW_PATH, RAW_ROOT))
     conn.execute(s.images.insert().values(id=1, sha256=SHA, md5="m" * 32, size=100, format="jpeg", width=64, height=48, first_seen=1.0))
@@ -57,12 +61,19 @@ def released_database(conn: Connection, version: int) -> None:
     conn.execute(s.files.insert().values(id=1, path="/ev/a.jpg", root="/ev", image_id=1, **file_row))
     conn.execute(s.files.insert().values(id=2, path=path, root=root, image_id=1, **file_row))
     conn.execute(s.analyses.insert().values(id=1, image_id=1, bundle="b1", faces=2, seconds=0.1, host="h", created=1.0))
+    insert_face = s.faces.insert() if version >= 9 else text(
+        "INSERT INTO faces (id, analysis_id, idx, x1, y1, x2, y2, score, landmarks, width_px, p_male, p_female, gender, age"
+        + (", descriptor" if version >= 5 else "") + ") VALUES (:id, :analysis_id, :idx, :x1, :y1, :x2, :y2, :score, :landmarks,"
+        " :width_px, :p_male, :p_female, :gender, :age" + (", :descriptor" if version >= 5 else "") + ")"
+    )  # fmt: skip
     for idx in (0, 1):
         face = {"id": idx + 1, "analysis_id": 1, "idx": idx, "x1": BOX[0] + 50 * idx, "y1": BOX[1], "x2": BOX[2] + 50 * idx, "y2": BOX[3]}
         face |= {"score": 0.9, "landmarks": "[]", "width_px": 30.0, "p_male": 0.8, "p_female": 0.2, "gender": "male", "age": 30.0}
         if version >= 5 and idx == 0:
             face["descriptor"] = DESCRIPTOR
-        conn.execute(s.faces.insert().values(**face))
+        if version >= 5:
+            face.setdefault("descriptor", None)
+        conn.execute(insert_face, face)
     conn.execute(s.events.insert().values(at=1.0, kind="analysed", host="h", file_id=1))
     if version >= 2:
         x1, y1, x2, y2 = BOX
@@ -74,6 +85,8 @@ def released_database(conn: Connection, version: int) -> None:
         conn.execute(ps.decisions.insert().values(at=3.0, action="assign", person_id=1, sha256=SHA, face_id=1, reviewer="ana"))
     if version >= 7:
         conn.execute(nc.images_v7.update().values(near_hash="0" * 48))
+    if version >= 8:
+        conn.execute(cap.image_capture.insert().values(image_id=1, taken_at="2024-05-01T10:00:00", model="Pixel 8"))
 
 
 def check_rows(conn: Connection, version: int) -> None:
@@ -100,7 +113,11 @@ def check_rows(conn: Connection, version: int) -> None:
     index = nc.load_index(conn)  # an image analysed before version 7 counts as not hashed
     assert (len(index.ids), index.unhashed) == ((1, 0) if version >= 7 else (0, 1))
     # images analysed before version 8 have no capture metadata (they get it when analysed again)
-    assert cap.has_table(conn) and conn.execute(select(cap.image_capture.c.image_id)).all() == []
+    got = conn.execute(select(cap.image_capture.c.image_id, cap.image_capture.c.model)).all()
+    assert cap.has_table(conn) and got == ([(1, "Pixel 8")] if version >= 8 else [])
+    # faces analysed before version 9 come from images: no frame, no video rows
+    assert conn.execute(select(s.faces.c.frame, s.faces.c.frame_time)).all() == [(None, None), (None, None)]
+    assert vid.has_tables(conn) and conn.execute(select(vid.videos.c.image_id)).all() == []
     assert rv.has_reviews(conn) and ps.has_persons(conn) and nc.has_hash(conn)
 
 

@@ -107,8 +107,16 @@ def test_search_orders_nearest_first_and_excludes() -> None:
     q = phash.parse("0" * 48)
     hashes = phash.parse_many(["0" * 47 + "3", "0" * 48, "f" * 48, "0" * 47 + "1"])
     index = nc.NearIndex(np.array([10, 11, 12, 13]), hashes, 0)
-    assert index.search(q, 2) == [(11, 0), (13, 1), (10, 2)]
-    assert index.search(q, 1, exclude=11) == [(13, 1)]
+    assert index.search(q, 2) == [(11, 0, None), (13, 1, None), (10, 2, None)]
+    assert index.search(q, 1, exclude=11) == [(13, 1, None)]
+
+
+def test_a_video_is_found_once_at_its_nearest_frame() -> None:
+    q = phash.parse("0" * 48)
+    hashes = phash.parse_many(["0" * 47 + "7", "0" * 47 + "1", "0" * 47 + "3", "f" * 48])
+    index = nc.NearIndex(np.array([10, 20, 20, 20]), hashes, 0, np.array([-1, 0, 40, 80]))
+    assert index.search(q, 3) == [(20, 1, 0), (10, 3, None)]  # frame 40 (2 bits) is farther than frame 0
+    assert index.images == 2
 
 
 @pytest.mark.parametrize("value", ["-1", "97", "x", "1.5", ""])

@@ -15,7 +15,8 @@ from onnx import TensorProto, helper, numpy_helper
 from daemon.config import PipelineConfig, parse
 from daemon.pipeline import align
 from daemon.pipeline.analyze import load_pipeline
-from daemon.pipeline.images import decode, read_file
+from daemon.pipeline.images import decode
+from daemon.pipeline.reading import read_file
 from daemon.pipeline.sessions import ModelLoadError
 
 W = np.array([[6.0], [0.0], [-6.0]], np.float32)  # p(male) = sigmoid(6 * (mean R - mean B) + 0.1)

@@ -37,7 +37,7 @@ import cv2
 import numpy as np
 
 from daemon.config import PipelineConfig
-from daemon.pipeline import align, detect, images
+from daemon.pipeline import align, detect, images, reading
 
 log = logging.getLogger("training.extract")
 
@@ -121,7 +121,7 @@ def _det_key(data: Path, min_iou: float, sources: tuple[str, ...]) -> str:
 
 
 def _load_bgr(path: Path) -> np.ndarray:
-    return images.decode(images.read_file(path).data).bgr
+    return images.decode(reading.read_file(path).data).bgr
 
 
 def detect_faces(data: Path, out: Path, min_iou: float = 0.4, limit: int | None = None,

@@ -4,6 +4,7 @@ no database; ``--annotate`` writes annotated copies) and ``check-config``."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -116,19 +117,29 @@ def cmd_analyze(args: argparse.Namespace) -> int:
 def _analyze(args: argparse.Namespace, cfg: config_mod.Config, inputs: list[str], pipeline, guard, dfd: int | None) -> int:  # noqa: ANN001
     """The loop of ``analyze``: one document per input; annotated copies written beneath the
     checked output folder ``dfd`` (each file opened and checked as daemon.queries.output says)."""
-    from daemon.pipeline import images
+    from daemon.pipeline import images, reading
     from daemon.queries import output
     from daemon.render import draw_faces, encode
 
     failed = 0
     for path in inputs:
         doc: dict = {"path": to_db(path), "sha256": None, "width": None, "height": None, "status": "ok", "faces": []}
+
+        def hashed(fh: reading.FileHash, doc: dict = doc) -> bool:
+            doc.update(sha256=fh.sha256, md5=fh.md5)
+            return False
+
+        res = None
         try:
-            fb = images.read_file(path, max_bytes=cfg.pipeline.limits.max_file_bytes)
-            doc.update(sha256=fb.sha256, md5=fb.md5)
-            res = pipeline.analyze_bytes(fb, str(path))
+            res = pipeline.analyze_path(path, known=hashed)
             doc.update(width=res.width, height=res.height, format=res.format, orientation=res.orientation,
                        frames=res.frames, notes=list(res.notes), faces=[f.to_json() for f in res.faces])
+            if res.capture is not None:
+                doc["capture"] = dataclasses.asdict(res.capture)
+            if res.video is not None:
+                v = res.video
+                doc["video"] = {"codec": v.codec, "duration": v.duration, "fps": v.fps, "sampled": len(v.sampled),
+                                "interval": v.interval, "cut": v.cut, "cut_detail": v.cut_detail}
         except images.ImageError as err:
             failed += 1
             doc.update(status="failed", reason=err.reason, error=err.message)
@@ -136,10 +147,13 @@ def _analyze(args: argparse.Namespace, cfg: config_mod.Config, inputs: list[str]
             print(json.dumps(doc))
         else:
             _print_analysis(doc)
-        if dfd is not None and doc["status"] == "ok":
-            dec = images.decode(fb.data, max_pixels=cfg.pipeline.limits.max_pixels)
+        if dfd is not None and res is not None and res.video is None:
+            dec = images.decode(reading.read_file(path, max_bytes=cfg.pipeline.limits.max_file_bytes).data,
+                                max_pixels=cfg.pipeline.limits.max_pixels)
             output.write_bytes(_annotated_name(path, doc["sha256"]), encode(draw_faces(dec.bgr, doc["faces"])), guard,
                                "--annotate", dir_fd=dfd)
+        elif dfd is not None and res is not None:
+            print(f"  (a video: draw a frame's faces with `forensic-gender annotate --image {doc['sha256'][:12]} --frame N`)")
     return 1 if failed else 0
 
 
@@ -148,10 +162,15 @@ def _print_analysis(doc: dict) -> None:
         print(f"{show(doc['path'])}: FAILED ({doc['reason']}): {show(doc['error'])}")
         return
     print(f"{show(doc['path'])}: {doc['width']}x{doc['height']} {doc.get('format')}, {len(doc['faces'])} face(s), sha256 {doc['sha256'][:16]}…")
+    if doc.get("video"):
+        v = doc["video"]
+        cut = f", cut ({v['cut']}): {v['cut_detail']}" if v["cut"] else ""
+        print(f"  video: {v['codec']}, {v['duration'] or 0:.1f} s, {v['sampled']} frames sampled every {v['interval']:g} s{cut}")
     for i, f in enumerate(doc["faces"]):
         x1, y1, x2, y2 = f["box"]
+        at = f"frame {f['frame']} ({f['time']:.1f} s) " if f.get("frame") is not None else ""
         age = f"age {f['age']:.0f}±{f['age_std']:.0f}" if f.get("age") is not None else ""
-        print(f"  face {i}: box ({x1:.0f},{y1:.0f})-({x2:.0f},{y2:.0f}) {f['width_px']:.0f}px score {f['score']:.2f}  "
+        print(f"  face {i}: {at}box ({x1:.0f},{y1:.0f})-({x2:.0f},{y2:.0f}) {f['width_px']:.0f}px score {f['score']:.2f}  "
               f"{f['gender']:9s} p(male) {f['p_male']:.3f}  {age}")
 
 

@@ -57,7 +57,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def _sha1_reader(side, roots, cfg):  # noqa: ANN001, ANN202
     from daemon import paths
-    from daemon.pipeline import images
+    from daemon.pipeline import images, reading
     from daemon.queries.media import inside
 
     def sha1(sha256: str) -> str | None:
@@ -71,7 +71,7 @@ def _sha1_reader(side, roots, cfg):  # noqa: ANN001, ANN202
             if not (inside(real, [real_root]) and inside(real_root, roots)):
                 continue
             try:
-                fb = images.read_file(real, max_bytes=cfg.pipeline.limits.max_file_bytes, root=real_root)
+                fb = reading.read_file(real, max_bytes=cfg.pipeline.limits.max_file_bytes, root=real_root)
             except images.ImageError:
                 continue
             if fb.sha256 == sha256:
@@ -82,12 +82,13 @@ def _sha1_reader(side, roots, cfg):  # noqa: ANN001, ANN202
     return sha1
 
 
-def annotated_jpeg(conn, sha256: str, rows: list[dict], roots: list[str], cfg, ext: str = ".jpg") -> bytes:  # noqa: ANN001
-    """The image with the stored boxes drawn (no re-analysis), encoded."""
+def annotated_jpeg(conn, sha256: str, rows: list[dict], roots: list[str], cfg, ext: str = ".jpg", frame: int | None = None) -> bytes:  # noqa: ANN001
+    """The image (a video's ``frame``) with the stored boxes drawn (no re-analysis), encoded."""
     from daemon.queries import media
     from daemon.render import draw_faces, encode
 
-    loaded = media.load(conn, sha256, roots, max_bytes=cfg.pipeline.limits.max_file_bytes, max_pixels=cfg.pipeline.limits.max_pixels)
+    loaded = media.load(conn, sha256, roots, max_bytes=cfg.pipeline.limits.max_file_bytes, max_pixels=cfg.pipeline.limits.max_pixels,
+                        frame=frame)
     return encode(draw_faces(loaded.decoded.bgr, _faces_to_draw(rows)), ext)
 
 
@@ -110,21 +111,37 @@ def cmd_annotate(args: argparse.Namespace) -> int:
             image_id, _ = _find(conn, args.target, target)
             sha = conn.execute(select(schema.images.c.sha256).where(schema.images.c.id == image_id)).scalar_one()
             rows = list(read.faces(conn, Filters(sha256=(sha,), bundle=f.bundle, threshold=f.threshold, margin=f.margin, sort="sha256"), sc))
+            frame = args.frame
+            in_video = [r["frame"] for r in rows if r.get("frame") is not None]
+            if frame is None and in_video:
+                frame = in_video[0]  # a video: the frame of its first face unless --frame says
+            if frame is not None:
+                if args.frame is not None and not in_video and not _is_video(conn, image_id, sc):
+                    raise CliError(f"--frame {args.frame}: {args.target} is a photo, not a video; leave --frame out")
+                rows = [r for r in rows if r.get("frame") == frame]
             out = os.fsencode(args.output)
             if out.endswith(b"/") or os.path.isdir(out):
-                out = os.path.join(out, f"{sha[:16]}.annotated.jpg".encode())
+                tag = "" if frame is None else f".f{frame}"
+                out = os.path.join(out, f"{sha[:16]}{tag}.annotated.jpg".encode())
             ext = os.path.splitext(out)[1].lower().decode("ascii", "replace")
             if ext not in (".jpg", ".jpeg", ".png"):
                 raise CliError(f"-o {args.output}: the output must end in .jpg, .jpeg or .png (or be a folder), got {ext or 'no extension'!r}")
             guard = _guard(roots, conn)
             output.refuse_in_root(os.path.abspath(out), guard, "-o")  # before the work; checked again on the opened file
-            data = annotated_jpeg(conn, sha, rows, roots, cfg, ext if ext != ".jpeg" else ".jpg")
+            data = annotated_jpeg(conn, sha, rows, roots, cfg, ext if ext != ".jpeg" else ".jpg", frame)
             output.write_bytes(out, data, guard, "-o", replace=args.force, make_parents=True)
     finally:
         engine.dispose()
     bundle = rows[0]["bundle"] if rows else "-"
-    print(f"{show(os.fsdecode(out))}: {len(rows)} face(s) drawn from bundle {bundle} (image {sha[:16]}...)")
+    at = "" if frame is None else f", frame {frame}"
+    print(f"{show(os.fsdecode(out))}: {len(rows)} face(s) drawn from bundle {bundle} (image {sha[:16]}...{at})")
     return 0
+
+
+def _is_video(conn, image_id: int, sc) -> bool:  # noqa: ANN001
+    from daemon.store import videos
+
+    return bool(sc.videos and videos.lookup(conn, [image_id]))
 
 
 def crop_name(row: dict) -> str:
@@ -163,14 +180,16 @@ def cmd_crops(args: argparse.Namespace) -> int:
                 loaded_sha, loaded, failed_sha = None, None, None
                 try:
                     for r in read.faces(conn, f, sc, stream=True):
+                        if args.frame is not None and r.get("frame") != args.frame:
+                            continue
                         if r["sha256"] == failed_sha:
                             skipped += 1
                             continue
-                        if r["sha256"] != loaded_sha:
+                        if (r["sha256"], r.get("frame")) != loaded_sha:
                             try:
                                 loaded = media.load(side, r["sha256"], roots, max_bytes=cfg.pipeline.limits.max_file_bytes,
-                                                    max_pixels=cfg.pipeline.limits.max_pixels)
-                                loaded_sha = r["sha256"]
+                                                    max_pixels=cfg.pipeline.limits.max_pixels, frame=r.get("frame"))
+                                loaded_sha = (r["sha256"], r.get("frame"))
                             except media.MediaError as err:
                                 print(f"forensic-gender crops: skipped: {show(err.message)}", file=sys.stderr)
                                 failed_sha, skipped = r["sha256"], skipped + 1
@@ -216,6 +235,7 @@ def register_cli(sub: Any) -> None:
     p.add_argument("--threshold", type=float)
     p.add_argument("--margin", type=float)
     p.add_argument("--force", action="store_true", help="replace an existing output file")
+    p.add_argument("--frame", type=int, metavar="N", help="a video: the frame to draw (its faces' `frame`; default: the first face's)")
     p.set_defaults(func=guarded(cmd_annotate))
 
     p = sub.add_parser("crops", help="write face crops of a query into a folder, named <sha256>_<bundle>_<face>.jpg, with crops.csv")
@@ -223,6 +243,7 @@ def register_cli(sub: Any) -> None:
     add_config_args(p)
     p.add_argument("--context", type=float, default=0.3, help="context around the box on each side, as a fraction of its size (default 0.3)")
     p.add_argument("--min-side", type=int, default=96, help="upscale small crops to at least this many pixels (default 96)")
+    p.add_argument("--frame", type=int, metavar="N", help="videos: only the faces found in frame N (their `frame`)")
     _csv_raw(p)
     add_filter_args(p, limit=None)
     p.set_defaults(func=guarded(cmd_crops))

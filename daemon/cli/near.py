@@ -12,13 +12,13 @@ from daemon.paths import show
 
 def _photo_hash(photo: str, cfg: Any) -> tuple[str, str]:
     """The hash of a query photo, decoded as the worker decodes it (nothing recorded), and its SHA-256."""
-    from daemon.pipeline import images
+    from daemon.pipeline import images, reading
     from daemon.pipeline.phash import near_hash
 
     p = cfg.pipeline
     d = p.detector
     hint = d.max_side * 2 if d.tile_side else d.max_side  # as Pipeline.decode_hint: the same pixels give the same hash
-    fb = images.read_file(photo, max_bytes=p.limits.max_file_bytes)
+    fb = reading.read_file(photo, max_bytes=p.limits.max_file_bytes)
     dec = images.decode(fb.data, max_pixels=p.limits.max_pixels, min_side_hint=hint)
     return near_hash(dec.bgr), fb.sha256
 
@@ -78,6 +78,7 @@ def cmd_near(args: argparse.Namespace) -> int:
             "width": m.width,
             "height": m.height,
             "paths": m.paths,
+            "frame": m.frame,
         }
         for m in matches
     ]
@@ -89,7 +90,8 @@ def cmd_near(args: argparse.Namespace) -> int:
             "sha256": sha,
             "near_hash": h,
             "distance": k,
-            "images_searched": len(index.ids),
+            "images_searched": index.images,
+            "hashes_searched": len(index.ids),
             "images_without_hash": index.unhashed,
             "found": len(found),
             "matches": rows,
@@ -97,7 +99,7 @@ def cmd_near(args: argparse.Namespace) -> int:
         print(json_text(doc, indent=1))
         return 0
     more = f" (the nearest {limit} shown; raise --limit)" if len(found) > limit else ""
-    print(f"{len(found)} image(s) within {k} of 192 bits of {show(label)} among {len(index.ids)} hashed images, nearest first{more}")
+    print(f"{len(found)} image(s) within {k} of 192 bits of {show(label)} among {index.images} hashed images and videos, nearest first{more}")
     if index.unhashed:
         print(f"note: {index.unhashed} recorded image(s) have no hash (failed, or analysed before near-copy hashing) and were not searched")
     if rows:
@@ -106,6 +108,7 @@ def cmd_near(args: argparse.Namespace) -> int:
             size = f"{r['width']}x{r['height']}" if r["width"] else "?"
             paths = r["paths"] or ["(no current path)"]
             tag = "  (same content)" if r["same_content"] else ""
+            tag += f"  (video frame {r['frame']})" if r["frame"] is not None else ""
             for p in paths:
                 print(f"{r['distance']:>8}  {r['sha256'][:16]:<16}  {size:>11}  {show(p)}{tag}")
     return 0

@@ -26,7 +26,19 @@ from typing import Any, TextIO
 
 from daemon.cli.errors import CliError, guarded
 from daemon.paths import show
-from daemon.queries.formats import FACE_COLUMNS, FORMAT_VERSION, IMAGE_COLUMNS, capture_line, face_record, image_record, iso, write_csv, write_json, write_jsonl
+from daemon.queries.formats import (
+    FACE_COLUMNS,
+    FORMAT_VERSION,
+    IMAGE_COLUMNS,
+    capture_line,
+    face_record,
+    image_record,
+    iso,
+    video_line,
+    write_csv,
+    write_json,
+    write_jsonl,
+)
 from daemon.queries.output import json_text
 
 # --------------------------------------------------------------------------------------------
@@ -339,7 +351,7 @@ def show_record(d: dict) -> dict:
     return {
         "sha256": d["sha256"], "md5": d["md5"], "size": d["size"], "format": d["format"], "width": d["width"], "height": d["height"],
         "orientation": d["orientation"], "frames": d["frames"], "notes": d["notes"], "first_seen": iso(d["first_seen"]),
-        "capture": d.get("capture"),
+        "capture": d.get("capture"), "video": d.get("video"),
         "paths": [{"path": p["path"], "root": p["root"], "state": p["state"], "reason": p["reason"], "error": p["error"],
                    "size": p["size"], "mtime": iso(p["mtime_ns"] / 1e9), "attempts": p["attempts"],
                    "first_seen": iso(p["first_seen"]), "last_seen": iso(p["last_seen"]), "updated": iso(p["updated"])} for p in d["paths"]],
@@ -364,6 +376,8 @@ def print_show(out: TextIO, d: dict, cut) -> None:  # noqa: ANN001
       + (f", notes: {show(d['notes'])}" if d["notes"] else "") + f"; first seen {d['first_seen']}\n")
     if d.get("capture"):
         w(show(capture_line(d["capture"])) + "\n")
+    if d.get("video"):
+        w(show(video_line(d["video"])) + "\n")
     w(f"paths ({len(d['paths'])}):\n")
     for p in d["paths"]:
         extra = f" ({show(p['reason'])}: {show(p['error'])})" if p["reason"] else ""
@@ -376,7 +390,8 @@ def print_show(out: TextIO, d: dict, cut) -> None:  # noqa: ANN001
             if fc["review"] not in (None, "cleared"):
                 rv = f"  review: {fc['review']}" + (f" {fc['review_label']}" if fc["review_label"] else "") + (f" ({show(fc['review_note'])})" if fc["review_note"] else "")
             age = f"age {fc['age']:.0f}±{fc['age_std'] or 0:.0f}" if fc["age"] is not None else "age -"
-            w(f"    face {fc['idx']} (id {fc['face_id']}): {fc['gender']:9} p(male) {fc['p_male']:.3f}  {age}  box ({fc['x1']:.0f},{fc['y1']:.0f})-({fc['x2']:.0f},{fc['y2']:.0f}) "
+            at = f" frame {fc['frame']} ({fc['frame_time']:.1f} s)" if fc.get("frame") is not None else ""
+            w(f"    face {fc['idx']} (id {fc['face_id']}){at}: {fc['gender']:9} p(male) {fc['p_male']:.3f}  {age}  box ({fc['x1']:.0f},{fc['y1']:.0f})-({fc['x2']:.0f},{fc['y2']:.0f}) "
               f"{fc['width_px']:.0f}px score {fc['score']:.2f}{rv}\n")
     if d["reviews"]:
         w(f"review history ({len(d['reviews'])}):\n")

@@ -13,14 +13,15 @@ import json
 import logging
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 
 from daemon import models as model_store
 from daemon.config import PipelineConfig
-from daemon.pipeline import align, classify, detect, images, phash
+from daemon.pipeline import align, classify, detect, images, phash, reading, video
 from daemon.pipeline.exif import Capture
 from daemon.pipeline.sessions import PROVIDER, ModelLoadError, Session, check_probabilities, choose_providers
 
@@ -44,6 +45,8 @@ class Face:
     age: float | None
     age_std: float | None
     descriptor: bytes | None = None  # the backbone's identity vector, float16 little-endian
+    frame: int | None = None  # a video's frame (ordinal among its decoded frames); None in an image
+    time: float | None = None  # that frame's time in seconds from the video's start
 
     def to_json(self) -> dict:
         """The face as JSON (the descriptor is stored in the database, not printed)."""
@@ -51,10 +54,37 @@ class Face:
         del d["descriptor"]
         d["box"] = [round(v, 1) for v in self.box]
         d["landmarks"] = [[round(x, 1), round(y, 1)] for x, y in self.landmarks]
+        if self.frame is None:
+            del d["frame"], d["time"]
         for k in ("score", "p_male", "p_female", "width_px", "age", "age_std"):
             if d[k] is not None:
                 d[k] = round(d[k], 4)
         return d
+
+
+@dataclass(frozen=True)
+class SampledFrame:
+    """One sampled frame of a video: where it is, how many faces it has, its perceptual hash."""
+
+    frame: int
+    time: float
+    faces: int
+    near_hash: str | None
+
+
+@dataclass(frozen=True)
+class VideoResult:
+    """What a video adds to its :class:`ImageResult`: the container's facts, the frames sampled
+    and, when sampling stopped before the end, why (``cut``, a :class:`daemon.states.VideoCut`)."""
+
+    codec: str
+    duration: float | None
+    fps: float | None
+    rotation: int
+    interval: float
+    sampled: tuple[SampledFrame, ...]
+    cut: str | None = None
+    cut_detail: str | None = None
 
 
 @dataclass(frozen=True)
@@ -76,6 +106,7 @@ class ImageResult:
     seconds: dict[str, float] = field(default_factory=dict)
     near_hash: str | None = None  # perceptual hash of the decoded, upright image (daemon.pipeline.phash)
     capture: Capture | None = None  # EXIF: when, on which device, where (daemon.pipeline.exif)
+    video: VideoResult | None = None  # for a video: its facts and sampled frames (faces carry their frame)
 
 
 @dataclass(frozen=True)
@@ -217,12 +248,73 @@ class Pipeline:
         return d.max_side * 2 if d.tile_side else d.max_side
 
     def analyze_file(self, path: str | os.PathLike) -> ImageResult:
-        """Read once, hash, decode, analyse. Raises ``images.ImageError`` for bad input."""
-        t0 = time.perf_counter()
-        fb = images.read_file(path, max_bytes=self.cfg.limits.max_file_bytes)
-        return self.analyze_bytes(fb, str(path), t0)
+        """Read once, hash, decode, analyse an image or video the user named (symlinks followed)."""
+        result = self.analyze_path(path)
+        assert isinstance(result, ImageResult)
+        return result
 
-    def analyze_bytes(self, fb: images.FileBytes, path: str = "", t0: float | None = None) -> ImageResult:
+    def analyze_path(
+        self, path: str | os.PathLike, *, root: str | None = None, inode: int | None = None,
+        known: Callable[[reading.FileHash], bool] | None = None, progress: Callable[[], None] | None = None,
+    ) -> ImageResult | reading.FileHash:
+        """Read once (a video: hash streaming, then decode from the same open file), analyse.
+        ``known`` sees the hashes first: when it says the content was analysed already, only
+        they come back.
+        Raises ``images.ImageError`` for bad input."""
+        t0 = time.perf_counter()
+        with reading.opened(path, root=root, inode=inode) as f:
+            fmt = video.sniff(f.head(video.SNIFF_BYTES))
+            fh: reading.FileHash
+            if fmt is None:
+                fh = f.read_all(self.cfg.limits.max_file_bytes)
+            else:
+                fh = f.hash_all(self.cfg.video.max_file_bytes)
+            if known is not None and known(fh):
+                return fh
+            if isinstance(fh, reading.FileBytes):
+                return self.analyze_bytes(fh, str(path), t0)
+            assert fmt is not None
+            result = self.analyze_video(f, fh, fmt, str(path), t0, progress)
+            f.check_unchanged()
+            return result
+
+    def analyze_video(self, f: reading.Opened, fh: reading.FileHash, fmt: str, path: str, t0: float,
+                      progress: Callable[[], None] | None = None) -> ImageResult:
+        """Sample a video's frames (:mod:`daemon.pipeline.video`) and analyse each like an image;
+        ``progress()`` after each frame (a worker tells its pool it is not hung)."""
+        vc = self.cfg.video
+        faces: list[Face] = []
+        sampled: list[SampledFrame] = []
+        secs = {"detect": 0.0, "classify": 0.0, "near_hash": 0.0}
+        deadline = time.monotonic() + vc.budget_seconds - (time.perf_counter() - t0)
+        with f.reader() as fo, video.open_clip(fo, fmt, max_pixels=self.cfg.limits.max_pixels) as clip:
+            for fr in clip.sample(vc.interval, max_frames=vc.max_frames, deadline=deadline):
+                found, s = self.analyze_array(fr.bgr)
+                faces.extend(replace(fc, frame=fr.index, time=fr.time) for fc in found)
+                t = time.perf_counter()
+                sampled.append(SampledFrame(fr.index, fr.time, len(found), phash.near_hash(fr.bgr)))
+                secs["near_hash"] += time.perf_counter() - t
+                secs["detect"] += s["detect"]
+                secs["classify"] += s["classify"]
+                if progress is not None:
+                    progress()
+            info = clip.info
+            cut, detail = clip.cut, clip.cut_detail
+        secs["read_decode"] = max(0.0, time.perf_counter() - t0 - sum(secs.values()))
+        notes = list(info.notes)
+        notes.append(f"video: {len(sampled)} frames sampled every {vc.interval:g} s")
+        if cut is not None:
+            notes.append(f"video cut ({cut}): {detail}")
+        return ImageResult(
+            path=path, size=fh.size, sha256=fh.sha256, md5=fh.md5, mtime_ns=fh.mtime_ns, format=fmt,
+            width=info.width, height=info.height, orientation=1, frames=info.frames or len(sampled),
+            notes=tuple(notes), faces=tuple(faces), seconds=secs, near_hash=sampled[0].near_hash,
+            capture=info.capture,
+            video=VideoResult(codec=info.codec, duration=info.duration, fps=info.fps, rotation=info.rotation,
+                              interval=vc.interval, sampled=tuple(sampled), cut=cut, cut_detail=detail),
+        )  # fmt: skip
+
+    def analyze_bytes(self, fb: reading.FileBytes, path: str = "", t0: float | None = None) -> ImageResult:
         t0 = time.perf_counter() if t0 is None else t0
         dec = images.decode(fb.data, max_pixels=self.cfg.limits.max_pixels, min_side_hint=self.decode_hint())
         t1 = time.perf_counter()

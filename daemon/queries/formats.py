@@ -32,6 +32,8 @@ FACE_COLUMNS = (
     "review", "review_label", "review_note", "reviewer", "reviewed", "final_gender", "person_id", "person_name",
     # the image's capture metadata (EXIF), as in IMAGE_COLUMNS; empty where the row has none
     "taken_at", "taken_offset", "camera_make", "camera_model", "gps_lat", "gps_lon",
+    # a video's face: the frame's ordinal among the decoded frames and its time in seconds (empty for photos)
+    "frame", "frame_time",
 )
 CAPTURE_COLUMNS = frozenset(("taken_at", "taken_offset", "camera_make", "camera_model", "software", "lens", "serial", "gps_lat", "gps_lon", "gps_alt"))
 IMAGE_COLUMNS = (
@@ -39,8 +41,11 @@ IMAGE_COLUMNS = (
     "bundle", "analysed", "first_seen", "path", "n_paths",
     # capture metadata from EXIF (daemon.pipeline.exif): camera-local time, device, position
     "taken_at", "taken_offset", "camera_make", "camera_model", "software", "lens", "serial", "gps_lat", "gps_lon", "gps_alt",
+    # a video: declared duration (s), codec, frames sampled, why sampling stopped early (docs/VIDEO.md)
+    "duration", "codec", "sampled", "cut",
 )  # JSON/JSONL rows add "paths": [{path, root, state, reason, first_seen, last_seen}]
-_ROUND = {"x1": 1, "y1": 1, "x2": 1, "y2": 1, "width_px": 1, "score": 4, "p_male": 6, "p_female": 6, "age": 1, "age_std": 2}
+_OPTIONAL = CAPTURE_COLUMNS | {"frame", "frame_time"}  # rows from older schemas or other queries may lack them
+_ROUND = {"frame_time": 3, "x1": 1, "y1": 1, "x2": 1, "y2": 1, "width_px": 1, "score": 4, "p_male": 6, "p_female": 6, "age": 1, "age_std": 2}
 _TIMES = {"seen", "analysed", "reviewed", "first_seen"}
 
 
@@ -63,7 +68,11 @@ _FACE_CONVERT = tuple((k, _converter(k)) for k in FACE_COLUMNS)
 
 def face_record(row) -> dict:  # noqa: ANN001
     """A face row in the documented machine shape (rounded, ISO times)."""
-    return {k: (conv(row[k]) if conv else row[k]) if k not in CAPTURE_COLUMNS else row.get(k) for k, conv in _FACE_CONVERT}
+    out = {}
+    for k, conv in _FACE_CONVERT:
+        v = row.get(k) if k in _OPTIONAL else row[k]
+        out[k] = conv(v) if conv else v
+    return out
 
 
 def image_record(row: dict) -> dict:
@@ -176,6 +185,14 @@ def _media_groups(side, rows: Iterator[dict], hasher, batch: int = 200):  # noqa
 def _faces_to_draw(rows: list[dict]) -> list[dict]:
     return [{"box": (r["x1"], r["y1"], r["x2"], r["y2"]), "gender": r["gender"], "p_male": r["p_male"], "score": r["score"],
              "age": r["age"], "landmarks": json.loads(r["landmarks"]) if r.get("landmarks") else []} for r in sorted(rows, key=lambda r: r["idx"])]
+
+
+def video_line(v: dict) -> str:
+    """A video's facts in one line (``show``): codec, duration, frames sampled, where it was cut."""
+    dur = f"{v['duration']:.1f} s" if v.get("duration") is not None else "duration unknown"
+    fps = f" at {v['fps']:.3g} fps" if v.get("fps") else ""
+    cut = f"; cut ({v['cut']}): {v['cut_detail']}" if v.get("cut") else ""
+    return f"video: {v.get('codec') or '?'}, {dur}{fps}, {v.get('sampled')} frames sampled every {v.get('interval') or 0:g} s{cut}"
 
 
 def capture_line(c: dict) -> str:

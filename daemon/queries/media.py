@@ -6,7 +6,7 @@ Reading
     that root is a watched root of the configuration or a root recorded in the files table.
     Recorded paths are turned back into the exact bytes of the name (:func:`daemon.paths.to_os`).
     The file is then opened beneath its (resolved) root one component at a time without following
-    any symbolic link (:func:`daemon.pipeline.images.read_file` with ``root``), so a link swapped
+    any symbolic link (:func:`daemon.pipeline.reading.read_file` with ``root``), so a link swapped
     in after the check is refused, read read-only, and used only if its SHA-256 is still the
     recorded one: nothing but recorded evidence content can come out, whatever a request asks for.
 
@@ -31,8 +31,9 @@ from sqlalchemy import Connection, case, select
 
 from daemon import paths
 from daemon.config import Config
-from daemon.pipeline import images
+from daemon.pipeline import images, reading, video
 from daemon.queries.read import recorded_roots
+from daemon.states import Reason
 from daemon.store import schema as s
 
 log = logging.getLogger(__name__)
@@ -57,7 +58,7 @@ class Loaded:
     sha256: str
     path: str
     decoded: images.Decoded
-    file: images.FileBytes
+    file: reading.FileBytes
     real: bytes
     identity: tuple[int, int, int, int, int]
 
@@ -105,18 +106,42 @@ def candidates(conn: Connection, sha256: str) -> list[tuple[str, str]]:
     )]
 
 
+_READ_REASONS = {Reason.UNREADABLE, Reason.NOT_REGULAR_FILE, Reason.TOO_BIG_FILE, Reason.SYMLINK, Reason.REPLACED, Reason.EMPTY}
+
+
+def _read(real: bytes, real_root: bytes, sha256: str, *, max_bytes: int, max_pixels: int,
+          frame: int | None) -> tuple[reading.FileBytes, images.Decoded | None]:
+    """An image's bytes (decoded by the caller), or a video's hashes with the pixels of its
+    ``frame`` (the file hashed streaming; the frame decoded only when the content is ``sha256``)."""
+    with reading.opened(real, root=real_root) as f:
+        fmt = video.sniff(f.head(video.SNIFF_BYTES))
+        if fmt is None:
+            return f.read_all(max_bytes), None
+        h = f.hash_all(max(max_bytes, 1 << 40))  # the service's video limit applied when it was analysed
+        fb = reading.FileBytes(h.size, h.sha256, h.md5, h.mtime_ns, h.inode, h.device)
+        if h.sha256 != sha256:
+            return fb, None
+        with f.reader() as fo:
+            fr = video.frame_at(fo, fmt, frame or 0, max_pixels=max_pixels)
+        f.check_unchanged()
+    height, width = fr.bgr.shape[:2]
+    return fb, images.Decoded(bgr=fr.bgr, format=fmt, width=width, height=height, scale=1.0, orientation=1, frames=1,
+                              notes=(f"frame {fr.index} at {fr.time:.3f} s",))
+
+
 def load(conn: Connection, sha256: str, roots: Sequence[bytes], *, max_bytes: int, max_pixels: int,
-         min_side_hint: int | None = None) -> Loaded:
+         min_side_hint: int | None = None, frame: int | None = None) -> Loaded:
     """Read and decode the content ``sha256`` from the first of its recorded paths that resolves
     inside the root recorded with it (itself inside one of ``roots``), is still readable and
     still holds that content. ``min_side_hint``: a JPEG is decoded DCT-reduced while its longer
     side stays at least this long (see :func:`daemon.pipeline.images.decode`). Raises
-    :class:`MediaError`."""
-    return load_from(candidates(conn, sha256), sha256, roots, max_bytes=max_bytes, max_pixels=max_pixels, min_side_hint=min_side_hint)
+    :class:`MediaError`. For a video, ``frame`` (default 0) is the frame decoded."""
+    return load_from(candidates(conn, sha256), sha256, roots, max_bytes=max_bytes, max_pixels=max_pixels,
+                     min_side_hint=min_side_hint, frame=frame)
 
 
 def load_from(rows: Sequence[tuple[str, str]], sha256: str, roots: Sequence[bytes], *, max_bytes: int, max_pixels: int,
-              min_side_hint: int | None = None) -> Loaded:
+              min_side_hint: int | None = None, frame: int | None = None) -> Loaded:
     """:func:`load` from :func:`candidates` already read (no database needed here)."""
     if not rows:
         raise MediaError("unknown", f"no recorded path holds the image {sha256}")
@@ -136,10 +161,10 @@ def load_from(rows: Sequence[tuple[str, str]], sha256: str, roots: Sequence[byte
             kinds.add("gone" if gone else "unreadable")
             continue
         try:
-            fb = images.read_file(real, max_bytes=max_bytes, root=real_root)
+            fb, frame_dec = _read(real, real_root, sha256, max_bytes=max_bytes, max_pixels=max_pixels, frame=frame)
         except images.ImageError as err:
             why.append(f"{path}: {err.message}")
-            kinds.add("unreadable")
+            kinds.add("undecodable" if err.reason not in _READ_REASONS else "unreadable")
             continue
         if fb.sha256 != sha256:
             why.append(f"{path}: the content changed since it was analysed (SHA-256 now {fb.sha256[:16]}...)")
@@ -148,12 +173,14 @@ def load_from(rows: Sequence[tuple[str, str]], sha256: str, roots: Sequence[byte
         if (fb.device, fb.inode, fb.size, fb.mtime_ns) != before[:4]:
             before = (0, 0, 0, 0, 0)  # changed while being read: right content, but never trust a cache of it
         try:
-            dec = images.decode(fb.data, max_pixels=max_pixels, min_side_hint=min_side_hint)
+            dec = frame_dec or images.decode(fb.data, max_pixels=max_pixels, min_side_hint=min_side_hint)
         except images.ImageError as err:
             raise MediaError("undecodable", f"{path}: {err.message}") from err
         return Loaded(sha256, path, dec, fb, real, before)
     if kinds == {"outside_roots"}:
         reason = "outside_roots"
+    elif "undecodable" in kinds:
+        reason = "undecodable"
     elif "changed" in kinds:
         reason = "changed"
     elif kinds <= {"gone", "outside_roots"}:

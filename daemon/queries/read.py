@@ -25,7 +25,7 @@ from sqlalchemy.sql.elements import ColumnElement
 
 from daemon.queries.filters import (ADULT_AGE, FACE_SORTS, IMAGE_SORTS, Cut, FilterError, Filters, check_cut, cursor_text, cursor_values,
                                     glob_match, glob_to_pg_regex)
-from daemon.store import capture
+from daemon.store import capture, videos
 from daemon.store import persons as ps
 from daemon.store import reviews as rv
 from daemon.store import schema as s
@@ -44,6 +44,7 @@ class Scope:
     bundle: str | None
     dialect: str = "sqlite"
     persons: bool = True  # whether the persons tables exist (schema version 6)
+    videos: bool = True  # whether faces have frames and the videos table exists (schema version 9)
 
 
 def scope(conn: Connection, f: Filters, default_cut: Cut = Cut()) -> Scope:
@@ -58,7 +59,8 @@ def scope(conn: Connection, f: Filters, default_cut: Cut = Cut()) -> Scope:
         conn.execute(text("SET LOCAL jit = off"))
     elif conn.dialect.name == "sqlite":
         register_functions(conn)
-    return Scope(cut, rv.has_reviews(conn), resolve_bundle(conn, f.bundle), conn.dialect.name, ps.has_persons(conn))
+    return Scope(cut, rv.has_reviews(conn), resolve_bundle(conn, f.bundle), conn.dialect.name, ps.has_persons(conn),
+                 videos.has_tables(conn))
 
 
 def register_functions(conn: Connection) -> None:
@@ -134,6 +136,12 @@ def capture_record(row: dict | None) -> dict:
     """An image row's capture fields as records name them (``camera_make`` for EXIF Make)."""
     row = row or {}
     return {("camera_" + k if k in ("make", "model") else k): row.get(k) for k in capture.FIELDS}
+
+
+def video_record(row: dict | None) -> dict:
+    """An image row's video fields as records name them (all None for a photo)."""
+    row = row or {}
+    return {k: row.get(k) for k in ("duration", "codec", "sampled", "cut")}
 
 
 def _capture_conds(f: Filters, image_id: ColumnElement) -> list[ColumnElement]:
@@ -453,6 +461,10 @@ class _FaceQuery:
                      .scalar_subquery().label("person_name")]
         else:
             cols += [literal(None).label("person_id"), literal(None).label("person_name")]
+        if self.sc.videos:  # a video's face: its frame and the frame's time (null for images)
+            cols += [F.c.frame, F.c.frame_time]
+        else:
+            cols += [literal(None).label("frame"), literal(None).label("frame_time")]
         return cols
 
     def keys(self) -> list[_Key]:
@@ -780,6 +792,7 @@ def _image_details(conn: Connection, groups: list, sc: Scope) -> Iterator[dict]:
              .where(A.c.image_id.in_(ids), *_analysis_conds(sc, A)).group_by(A.c.image_id))
         counts = {r.image_id: dict(r._mapping) for r in conn.execute(q)}
     captured = capture.of_images(conn, ids)
+    clips = videos.lookup(conn, ids) if sc.videos else {}
     for g in groups:
         if g.image_id is None:
             fr = lone_rows[g.file_id]
@@ -798,7 +811,7 @@ def _image_details(conn: Connection, groups: list, sc: Scope) -> Iterator[dict]:
                "image_id": g.image_id, "path": g.path, "paths": ps, "status": ",".join(states), "reason": reason, "error": error,
                "analyses": c.get("analyses", 0) if c else 0, "bundle": c.get("bundle"), "analysed": c.get("analysed"),
                "faces": int(c.get("faces") or 0), **{k: int(c.get(k) or 0) for k in ("female", "male", "uncertain")},
-               **capture_record(captured.get(g.image_id))}
+               **capture_record(captured.get(g.image_id)), **video_record(clips.get(g.image_id))}
 
 
 # --------------------------------------------------------------------------------------------
@@ -853,8 +866,11 @@ def image_detail(conn: Connection, image_id: int, sc: Scope) -> dict:
             conds.append(E.c.detail.contains(json.dumps(p["path"]), autoescape=True))
         events = [dict(r._mapping) for r in conn.execute(select(E).where(or_(*conds)).order_by(E.c.at, E.c.id).limit(500))]
     found = capture.of_images(conn, [image_id]).get(image_id)
+    clip = videos.lookup(conn, [image_id]).get(image_id) if sc.videos else None
+    if clip is not None:
+        clip["frames"] = videos.frames(conn, image_id)
     return {**im, "paths": ps, "analyses": analyses, "reviews": history, "events": events,
-            "capture": capture_record(found) if found else None}
+            "capture": capture_record(found) if found else None, "video": clip}
 
 
 def face(conn: Connection, face_id: int, sc: Scope) -> dict | None:

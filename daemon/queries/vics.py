@@ -27,11 +27,15 @@ from datetime import UTC, datetime
 from typing import TextIO
 
 from daemon import __version__
+from daemon.queries.formats import capture_line
 from daemon.queries.output import json_text
 
 DATA_MODEL = "http://github.com/VICSDATAMODEL/ProjectVic/DataModels/2.0.xml/US/$metadata"
-MIME = {"jpeg": "image/jpeg", "png": "image/png", "gif": "image/gif", "webp": "image/webp", "bmp": "image/bmp", "tiff": "image/tiff"}
+MIME = {"jpeg": "image/jpeg", "png": "image/png", "gif": "image/gif", "webp": "image/webp", "bmp": "image/bmp", "tiff": "image/tiff",
+        "heic": "image/heic", "avif": "image/avif", "mp4": "video/mp4", "mov": "video/quicktime", "3gp": "video/3gpp",
+        "avi": "video/x-msvideo", "mkv": "video/x-matroska", "webm": "video/webm"}
 APP = "forensic-gender"
+CAPTURE_KEYS = ("taken_at", "taken_offset", "camera_make", "camera_model", "gps_lat", "gps_lon")  # what a face row carries
 
 
 def vics_time(ts: float | None) -> str | None:
@@ -61,7 +65,8 @@ def _face_line(f: dict) -> str:
     person = ""
     if f.get("person_id") is not None:
         person = f"; person {f['person_id']}" + (f" ({f['person_name']})" if f.get("person_name") else "")
-    return (f"face {f['idx']}: {f['gender']} p(male)={f['p_male']:.4f}{age} box {f['x1']:.0f},{f['y1']:.0f}-{f['x2']:.0f},{f['y2']:.0f}"
+    at = f" frame {f['frame']} at {f['frame_time']:.1f} s" if f.get("frame") is not None else ""
+    return (f"face {f['idx']}{at}: {f['gender']} p(male)={f['p_male']:.4f}{age} box {f['x1']:.0f},{f['y1']:.0f}-{f['x2']:.0f},{f['y2']:.0f}"
             f" ({f['width_px']:.0f} px) score {f['score']:.3f}{person}{review}")
 
 
@@ -99,7 +104,9 @@ def media_record(media_id: int, g: MediaGroup, cut: dict) -> dict:
     first = g.paths[0] if g.paths else None
     if first and first["path"].startswith(first["root"].rstrip("/") + "/"):
         rec["RelativeFilePath"] = first["path"][len(first["root"].rstrip("/")) + 1:]
-    rec["Comments"] = "\n".join([head] + [_face_line(f) for f in g.faces])
+    captured = {k: g.faces[0].get(k) for k in CAPTURE_KEYS} if g.faces else {}
+    lines = [head] + ([capture_line(captured)] if any(v is not None for v in captured.values()) else [])
+    rec["Comments"] = "\n".join(lines + [_face_line(f) for f in g.faces])
     rec["Tags"] = tags(g.faces)
     rec["AlternativeHashes"] = [{"HashName": "SHA256", "HashValue": im["sha256"].upper(), "MD5": im["md5"].upper()}]
     rec["MediaFiles"] = [

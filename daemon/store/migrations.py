@@ -13,7 +13,7 @@ declared apart from ``schema.metadata`` (in the module that uses it), so that st
 version 1.
 
 The tables and indexes stay declared in the modules that read and write them; only the steps
-live here. :mod:`daemon.store.persons` and :mod:`daemon.store.nearcopies` are imported when their
+live here. :mod:`daemon.store.persons`, :mod:`daemon.store.nearcopies` and the others are imported when their
 step runs: they pull numpy and the configuration, which the engine of a read-only command does
 not need.
 """
@@ -23,7 +23,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from sqlalchemy import Connection, LargeBinary, String, func, inspect, text, update
+from sqlalchemy import Connection, Float, Integer, LargeBinary, String, func, inspect, text, update
 
 from daemon.store import reviews, schema
 
@@ -106,6 +106,19 @@ def capture(conn: Connection) -> None:
     capture_store.create(conn)
 
 
+def video(conn: Connection) -> None:
+    """Version 9: videos (:mod:`daemon.store.videos`): the ``videos`` and ``video_frames`` tables
+    and each face's ``frame`` and ``frame_time`` (null for images and for faces analysed before).
+    A database created at this version already has the columns (version 1 creates the tables)."""
+    from daemon.store import videos
+
+    have = {c["name"] for c in inspect(conn).get_columns("faces")}
+    for name, kind in (("frame", Integer()), ("frame_time", Float())):
+        if name not in have:
+            conn.execute(text(f"ALTER TABLE faces ADD COLUMN {name} {kind.compile(dialect=conn.dialect)}"))
+    videos.create(conn)
+
+
 STEPS: tuple[Step, ...] = (
     Step(1, "create tables", create_tables),
     Step(2, "reviews", add_reviews),
@@ -115,6 +128,7 @@ STEPS: tuple[Step, ...] = (
     Step(6, "persons", add_persons),
     Step(7, "near-copy hash", near_hash),
     Step(8, "capture metadata", capture),
+    Step(9, "video", video),
 )
 
 LATEST = len(STEPS)

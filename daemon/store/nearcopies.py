@@ -21,6 +21,7 @@ from sqlalchemy import Column, Connection, Index, Integer, MetaData, String, Tab
 
 from daemon.pipeline.phash import BITS, WORDS, distances, parse, parse_many
 from daemon.store import schema as s
+from daemon.store import videos
 
 log = logging.getLogger(__name__)
 
@@ -63,25 +64,42 @@ class Match:
     height: int | None = None
     format: str | None = None
     paths: list[str] = field(default_factory=list)
+    frame: int | None = None  # the nearest sampled frame, for a video
 
 
 @dataclass(frozen=True)
 class NearIndex:
-    """Every stored hash: ``ids`` (int64) and ``hashes`` ((N, 3) uint64), in image id order."""
+    """Every stored hash: ``ids`` (int64 image ids) and ``hashes`` ((N, 3) uint64); ``frames``
+    (int64) names a video's sampled frame, -1 for an image's own hash."""
 
     ids: np.ndarray
     hashes: np.ndarray
     unhashed: int  # images without a hash (failed, or analysed before schema version 7)
+    frames: np.ndarray | None = None
 
-    def search(self, h: np.ndarray, max_distance: int, *, exclude: int | None = None) -> list[tuple[int, int]]:
-        """``(image_id, distance)`` of the images within ``max_distance`` bits of ``h``, nearest
-        first (then by id), leaving out the image ``exclude``."""
+    @property
+    def images(self) -> int:
+        """How many images (videos counted once) the index holds."""
+        return len(np.unique(self.ids))
+
+    def search(self, h: np.ndarray, max_distance: int, *, exclude: int | None = None) -> list[tuple[int, int, int | None]]:
+        """``(image_id, distance, frame)`` of the images within ``max_distance`` bits of ``h``,
+        nearest first (then by id), leaving out the image ``exclude``; a video once, at its
+        nearest sampled frame (``frame`` None for a picture)."""
         d = distances(self.hashes, h)
         hit = np.flatnonzero(d <= max_distance)
         if exclude is not None:
             hit = hit[self.ids[hit] != exclude]
-        order = np.lexsort((self.ids[hit], d[hit]))
-        return [(int(self.ids[i]), int(d[i])) for i in hit[order]]
+        frames = self.frames if self.frames is not None else np.full(len(self.ids), -1, np.int64)
+        order = np.lexsort((frames[hit], self.ids[hit], d[hit]))
+        out: list[tuple[int, int, int | None]] = []
+        seen: set[int] = set()
+        for i in hit[order]:
+            image_id = int(self.ids[i])
+            if image_id not in seen:
+                seen.add(image_id)
+                out.append((image_id, int(d[i]), None if frames[i] < 0 else int(frames[i])))
+        return out
 
 
 def load_index(conn: Connection) -> NearIndex:
@@ -90,11 +108,20 @@ def load_index(conn: Connection) -> NearIndex:
     if not has_hash(conn):
         n = conn.execute(select(func.count()).select_from(s.images)).scalar_one()
         return NearIndex(np.zeros(0, np.int64), np.zeros((0, WORDS), np.uint64), int(n))
-    rows = conn.execute(select(t.c.id, t.c.near_hash).where(t.c.near_hash.is_not(None)).order_by(t.c.id)).all()
+    q = select(t.c.id, t.c.near_hash).where(t.c.near_hash.is_not(None))
+    with_videos = videos.has_tables(conn)
+    if with_videos:  # a video's image row holds its first frame's hash: its frames below stand for it
+        q = q.where(t.c.id.not_in(select(videos.videos.c.image_id)))
+    rows = [(r[0], -1, r[1]) for r in conn.execute(q.order_by(t.c.id))]
+    if with_videos:  # every sampled frame of every video
+        vf = videos.video_frames
+        fq = select(vf.c.image_id, vf.c.frame, vf.c.near_hash).where(vf.c.near_hash.is_not(None))
+        rows += [tuple(r) for r in conn.execute(fq.order_by(vf.c.image_id, vf.c.frame))]
     ids = np.fromiter((r[0] for r in rows), np.int64, len(rows))
-    hashes = parse_many([r[1] for r in rows])
+    frames = np.fromiter((r[1] for r in rows), np.int64, len(rows))
+    hashes = parse_many([r[2] for r in rows])
     unhashed = conn.execute(select(func.count()).select_from(t).where(t.c.near_hash.is_(None))).scalar_one()
-    return NearIndex(ids, hashes, int(unhashed))
+    return NearIndex(ids, hashes, int(unhashed), frames)
 
 
 def check_distance(value: str) -> int:
@@ -127,11 +154,11 @@ def image_by_sha(conn: Connection, prefix: str) -> tuple[int, str, str | None]:
     return image_id, sha, h
 
 
-def describe(conn: Connection, found: list[tuple[int, int]]) -> list[Match]:
-    """The images of ``found`` (``(image_id, distance)``) with their live paths (recorded form),
-    in the order given."""
+def describe(conn: Connection, found: list[tuple[int, int, int | None]]) -> list[Match]:
+    """The images of ``found`` (``(image_id, distance, frame)``) with their live paths (recorded
+    form), in the order given."""
     t, f = s.images, s.files
-    out = {i: Match(i, "", d) for i, d in found}
+    out = {i: Match(i, "", d, frame=fr) for i, d, fr in found}
     ids = list(out)
     for k in range(0, len(ids), 500):
         chunk = ids[k : k + 500]

@@ -123,6 +123,10 @@ faces = Table(
     # the face backbone's identity vector (128 float16, little-endian; the analysis' bundle names
     # the backbone that made it); null when the backbone was disabled
     Column("descriptor", LargeBinary),
+    # a video's faces: the frame they were found in and its time in seconds (version 9,
+    # daemon.store.videos); null for images
+    Column("frame", Integer),
+    Column("frame_time", Float),
     UniqueConstraint("analysis_id", "idx", name="uq_face_analysis_idx"),
     Index("ix_faces_p_male", "p_male"),
     Index("ix_faces_gender", "gender"),

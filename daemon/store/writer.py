@@ -24,7 +24,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from daemon.config import IdentityConfig
 from daemon.paths import from_db, to_db
 from daemon.states import FileState, Reason
-from daemon.store import capture
+from daemon.store import capture, videos
 from daemon.store import schema as s
 from daemon.store.nearcopies import store_hash
 from daemon.store.persons import Placer
@@ -278,6 +278,8 @@ class Store:
                 store_hash(conn, image_id, result.near_hash)
             if getattr(result, "capture", None) is not None:
                 capture.store(conn, image_id, result.capture)
+            if getattr(result, "video", None) is not None:
+                videos.store(conn, image_id, result.video)
             ins = _insert(conn, s.analyses).values(
                 image_id=image_id, bundle=bundle_key, faces=len(result.faces),
                 seconds=sum(result.seconds.values()), host=self.host, created=time.time(),
@@ -423,7 +425,7 @@ def _face_row(analysis_id: int, idx: int, fc) -> dict:  # noqa: ANN001
         "analysis_id": analysis_id, "idx": idx, "x1": x1, "y1": y1, "x2": x2, "y2": y2, "score": fc.score,
         "landmarks": json.dumps([[round(x, 2), round(y, 2)] for x, y in fc.landmarks]), "width_px": fc.width_px,
         "p_male": fc.p_male, "p_female": fc.p_female, "gender": fc.gender, "age": fc.age, "age_std": fc.age_std,
-        "descriptor": fc.descriptor,
+        "descriptor": fc.descriptor, "frame": getattr(fc, "frame", None), "frame_time": getattr(fc, "time", None),
     }
 
 

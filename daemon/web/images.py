@@ -49,7 +49,13 @@ def routes(st: State) -> list[Route]:
         except flt.FilterError as err:
             return st.error(request, 400, "; ".join(err.problems))
         shown = next((a for a in d["analyses"] if a["latest"]), None)
-        return st.render(request, "image.html", d=d, shown=shown, cut=sc.cut, q=urlencode(f.to_params()))
+        frame, frames = None, []
+        if d.get("video") and shown is not None:  # a video: one sampled frame at a time, its faces on it
+            frames = sorted({r["frame"] for r in shown["faces_rows"] if r.get("frame") is not None})
+            raw = request.query_params.get("frame", "")
+            frame = int(raw) if raw.isdigit() and len(raw) < 10 else (frames[0] if frames else 0)
+            shown = {**shown, "faces_rows": [r for r in shown["faces_rows"] if r.get("frame") == frame]}
+        return st.render(request, "image.html", d=d, shown=shown, cut=sc.cut, q=urlencode(f.to_params()), frame=frame, frames=frames)
 
     return [
         Route("/images", page_images, methods=["GET"]),

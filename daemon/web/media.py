@@ -96,11 +96,27 @@ class _Source:
     rows: list
     size: tuple[int, int, str] | None
     roots: list[bytes]
+    frame: int | None = None  # a video's frame
+
+    @property
+    def key(self) -> str:
+        """The pixel cache's key: the content, and the frame of a video."""
+        return self.sha if self.frame is None else f"{self.sha}:{self.frame}"
 
     @property
     def full(self) -> int | None:
         """The longer side of the full image (None if not recorded)."""
         return max(self.size[:2]) if self.size else None
+
+
+def _frame(request: Request) -> int | None:
+    """The ``?frame=N`` of a video's picture (None when absent)."""
+    raw = request.query_params.get("frame")
+    if raw is None:
+        return None
+    if not raw.isdigit() or len(raw) > 9:
+        raise flt.FilterError([f"frame: must be a whole number from 0, got {raw[:40]!r}"])
+    return int(raw)
 
 
 def routes(st: State) -> list[Route]:
@@ -115,30 +131,30 @@ def routes(st: State) -> list[Route]:
             roots_cache["roots"], roots_cache["at"] = media.evidence_roots(st.cfg, conn), now
         return roots_cache["roots"]
 
-    def _source(conn: Connection, sha: str) -> _Source:
-        return _Source(sha, media.candidates(conn, sha), _size(conn, sha), _roots(conn))
+    def _source(conn: Connection, sha: str, frame: int | None = None) -> _Source:
+        return _Source(sha, media.candidates(conn, sha), _size(conn, sha), _roots(conn), frame)
 
     def _pixels(src: _Source, side: Callable[[int], int]) -> Pixels:
         """Pixels of ``src.sha`` at least ``side(full longer side)`` pixels on their longer side
         (or full size): from the cache when the file is unchanged and they are large enough, else
         read, hashed and decoded again, no larger than needed, in a decoding slot."""
-        sha, full = src.sha, src.full
-        px = st.cache.get(sha)
+        sha, full, key = src.sha, src.full, src.key
+        px = st.cache.get(key)
         if px is not None:
             state = media.unchanged(px.loaded)
             if not state:  # changed, replaced or gone: never serve what was decoded from it
-                st.cache.drop(sha)
+                st.cache.drop(key)
                 px = None
             elif px.scale >= 1.0 or (full and max(px.bgr.shape[:2]) >= min(side(full), full)):
                 return px
         want = min(side(full), full) if full else None
         lim = st.cfg.pipeline.limits
         with st.slots.slot(decoded_pixels(src.size, want, st.slots.pixels)):
-            px = st.cache.get(sha)  # another request may have decoded it while this one waited
+            px = st.cache.get(key)  # another request may have decoded it while this one waited
             if px is not None and media.unchanged(px.loaded) and (px.scale >= 1.0 or (want and max(px.bgr.shape[:2]) >= want)):
                 return px
             loaded = media.load_from(src.rows, sha, src.roots, max_bytes=lim.max_file_bytes, max_pixels=lim.max_pixels,
-                                     min_side_hint=want)
+                                     min_side_hint=want, frame=src.frame)
             dec = loaded.decoded
             bgr, scale = dec.bgr, dec.scale
             if want and max(bgr.shape[:2]) > want:  # formats decoded at full size: keep only what is needed
@@ -148,15 +164,19 @@ def routes(st: State) -> list[Route]:
             light = replace(loaded, decoded=replace(dec, bgr=np.empty((0, 0, 3), np.uint8)), file=replace(loaded.file, data=b""))
             px = Pixels(np.ascontiguousarray(bgr), scale, light)
         if loaded.identity[0] or loaded.identity[1]:  # read while unchanged: may be served again after a check
-            st.cache.put(sha, px)
+            st.cache.put(key, px)
         return px
 
     def media_image(request: Request) -> Response:
         sha = request.path_params["sha256"]
         if not SHA_RE.match(sha):
             return PlainTextResponse("no such image", 404)
+        try:
+            frame = _frame(request)
+        except flt.FilterError as err:
+            return PlainTextResponse("; ".join(err.problems), 400)
         with st.db() as conn:
-            src = _source(conn, sha)
+            src = _source(conn, sha, frame)
         try:
             px = _pixels(src, lambda full: DISPLAY_SIDE)
         except media.MediaError as err:
@@ -169,6 +189,7 @@ def routes(st: State) -> list[Route]:
             return PlainTextResponse("no such image", 404)
         try:
             f = cut_from(request)
+            frame = _frame(request)
         except flt.FilterError as err:
             return PlainTextResponse("; ".join(err.problems), 400)
         with st.db() as conn:
@@ -177,7 +198,12 @@ def routes(st: State) -> list[Route]:
             except flt.FilterError as err:
                 return PlainTextResponse("; ".join(err.problems), 400)
             rows = list(read.faces(conn, flt.Filters(sha256=(sha,), bundle=f.bundle, sort="sha256"), sc))
-            src = _source(conn, sha)
+            in_video = [r["frame"] for r in rows if r.get("frame") is not None]
+            if frame is None and in_video:
+                frame = in_video[0]  # a video: the frame of its first face unless ?frame= says
+            if frame is not None:
+                rows = [r for r in rows if r.get("frame") == frame]
+            src = _source(conn, sha, frame)
         try:
             px = _pixels(src, lambda full: DISPLAY_SIDE)
         except media.MediaError as err:
@@ -202,7 +228,7 @@ def routes(st: State) -> list[Route]:
             row = read.face(conn, face_id, read.Scope(st.cut, False, "all", conn.dialect.name))
             if row is None:
                 return PlainTextResponse("no such face", 404)
-            src = _source(conn, row["sha256"])
+            src = _source(conn, row["sha256"], row.get("frame"))
         box_side = max(row["x2"] - row["x1"], row["y2"] - row["y1"], 1.0) * (1 + 2 * margin)
 
         def side(full: int) -> int:  # the crop shown at max_side needs this much of the whole image
