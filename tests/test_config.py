@@ -54,7 +54,6 @@ def test_unreadable_and_invalid_yaml(tmp_path: Path) -> None:
         config.load(bad)
 
 
-
 def test_video_limits_are_checked_with_their_paths() -> None:
     with pytest.raises(config.ConfigError) as exc:
         config.parse({"pipeline": {"video": {"budget_seconds": 0, "interval": 0, "max_frames": 0, "max_file_bytes": -1}}})
