@@ -93,7 +93,7 @@ def test_vics_case_layout_sha1_and_filters(real_db, capsys) -> None:  # noqa: AN
     for m in case["Media"]:
         path = m["MediaFiles"][0]["FilePath"]
         assert path.startswith(str(real_db.ev2))
-        data = open(path, "rb").read()  # noqa: SIM115
+        data = Path(path).read_bytes()
         assert m["SHA1"] == hashlib.sha1(data).hexdigest().upper() and m["MD5"] == hashlib.md5(data).hexdigest().upper()
         assert all(line.split(": ")[1].startswith("female") for line in m["Comments"].splitlines()[1:])
         assert m["RelativeFilePath"] == path[len(str(real_db.ev2)) + 1:]
@@ -336,7 +336,7 @@ def test_crops_csv_cannot_carry_formulas(evidence: Evidence) -> None:
     engine.dispose()
     out = evidence.out / "c"
     rc, _, err = cli(["crops", "--db", evidence.url, "--out", str(out), "--sha256", evidence.sha["small.jpg"]])
-    (row,) = list(csv.DictReader((out / "crops.csv").open(encoding="utf-8")))
+    (row,) = list(csv.DictReader(io.StringIO((out / "crops.csv").read_text(encoding="utf-8"))))
     assert rc == 0 and (row["review_note"], row["reviewer"]) == ("'+cmd", "'-me"), err
     assert not row["x1"].startswith("'")
 

@@ -72,7 +72,8 @@ def claim_worker(url: str, host: str, lease: float, batch: int, work_s: float, o
 
 
 def _spawn(code: str, log: Path) -> subprocess.Popen:
-    return subprocess.Popen([PY, "-c", textwrap.dedent(code)], cwd=REPO, stdout=log.open("w"), stderr=subprocess.STDOUT)
+    with log.open("w") as out:  # the child holds its own copy of the descriptor
+        return subprocess.Popen([PY, "-c", textwrap.dedent(code)], cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
 
 
 def _stats(n: int, root: str = "/evidence") -> list[FileStat]:

@@ -574,7 +574,7 @@ def test_annotate_and_crops(real_db, capsys) -> None:  # noqa: ANN001
     crops = real_db.out / f"crops-{real_db.url[:5]}"
     code, text_out, err = _cli(capsys, "crops", *db, "--out", str(crops), "--gender", "female", "--root", str(real_db.ev2))
     assert code == 0, err
-    index = list(csv.DictReader(open(crops / "crops.csv")))  # noqa: SIM115
+    index = list(csv.DictReader(io.StringIO((crops / "crops.csv").read_text())))
     files = sorted(p.name for p in crops.glob("*.jpg"))
     assert files == sorted(r["file"] for r in index) and len(files) > 0
     for r in index:
