@@ -26,15 +26,19 @@ import logging
 import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from sqlalchemy import Connection, case, select
 
 from daemon import paths
 from daemon.config import Config
-from daemon.pipeline import images, reading, video
+from daemon.pipeline import reading
 from daemon.queries.read import recorded_roots
 from daemon.states import Reason
 from daemon.store import schema as s
+
+if TYPE_CHECKING:  # the decoders (OpenCV, Pillow, PyAV) load only when pixels are needed
+    from daemon.pipeline import images
 
 log = logging.getLogger(__name__)
 
@@ -113,6 +117,8 @@ def _read(real: bytes, real_root: bytes, sha256: str, *, max_bytes: int, max_pix
           frame: int | None) -> tuple[reading.FileBytes, images.Decoded | None]:
     """An image's bytes (decoded by the caller), or a video's hashes with the pixels of its
     ``frame`` (the file hashed streaming; the frame decoded only when the content is ``sha256``)."""
+    from daemon.pipeline import images, video
+
     with reading.opened(real, root=real_root) as f:
         fmt = video.sniff(f.head(video.SNIFF_BYTES))
         if fmt is None:
@@ -143,6 +149,8 @@ def load(conn: Connection, sha256: str, roots: Sequence[bytes], *, max_bytes: in
 def load_from(rows: Sequence[tuple[str, str]], sha256: str, roots: Sequence[bytes], *, max_bytes: int, max_pixels: int,
               min_side_hint: int | None = None, frame: int | None = None) -> Loaded:
     """:func:`load` from :func:`candidates` already read (no database needed here)."""
+    from daemon.pipeline import images  # the decoders load when pixels are wanted, not for an export
+
     if not rows:
         raise MediaError("unknown", f"no recorded path holds the image {sha256}")
     why: list[str] = []
@@ -162,7 +170,7 @@ def load_from(rows: Sequence[tuple[str, str]], sha256: str, roots: Sequence[byte
             continue
         try:
             fb, frame_dec = _read(real, real_root, sha256, max_bytes=max_bytes, max_pixels=max_pixels, frame=frame)
-        except images.ImageError as err:
+        except reading.ImageError as err:
             why.append(f"{path}: {err.message}")
             kinds.add("undecodable" if err.reason not in _READ_REASONS else "unreadable")
             continue
@@ -174,7 +182,7 @@ def load_from(rows: Sequence[tuple[str, str]], sha256: str, roots: Sequence[byte
             before = (0, 0, 0, 0, 0)  # changed while being read: right content, but never trust a cache of it
         try:
             dec = frame_dec or images.decode(fb.data, max_pixels=max_pixels, min_side_hint=min_side_hint)
-        except images.ImageError as err:
+        except reading.ImageError as err:
             raise MediaError("undecodable", f"{path}: {err.message}") from err
         return Loaded(sha256, path, dec, fb, real, before)
     if kinds == {"outside_roots"}:
