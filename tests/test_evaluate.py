@@ -285,7 +285,7 @@ def test_evaluate_dev_sample_end_to_end(dev_data: Path, models_ready: None, tmp_
     report = json.loads((out / "report.json").read_text())
     (f,) = report["folders"]
     # Counts match the labels read independently.
-    rows = list(csv.DictReader(open(lfw / "labels.csv", encoding="utf-8")))
+    rows = list(csv.DictReader((lfw / "labels.csv").read_text(encoding="utf-8").splitlines()))
     chosen = {i.file for i in ev.select(ev.load_labelled(lfw).images, 20)}
     want = [r for r in rows if r["file"] in chosen]
     assert f["images"] == 20 and f["labelled_faces"] == 20 and f["images_total"] == len(rows)
@@ -305,7 +305,7 @@ def test_evaluate_dev_sample_end_to_end(dev_data: Path, models_ready: None, tmp_
     assert len(table) == 2 and all(ln in md for ln in table)
 
     wr = json.loads((tmp_path / "wider" / "report.json").read_text())["folders"][0]
-    wrows = list(csv.DictReader(open(wider / "labels.csv", encoding="utf-8")))
+    wrows = list(csv.DictReader((wider / "labels.csv").read_text(encoding="utf-8").splitlines()))
     wchosen = {i.file for i in ev.select(ev.load_labelled(wider).images, 3)}
     assert wr["images"] == 3 and wr["labelled_faces"] == sum(1 for r in wrows if r["file"] in wchosen)
     assert wr["detection"]["by_width"][">=10"]["labelled"] == sum(

@@ -178,6 +178,7 @@ def test_notify_abstract_socket_and_foreign_watchdog() -> None:
         n = Notifier({"NOTIFY_SOCKET": "@" + name, "WATCHDOG_USEC": "1000000", "WATCHDOG_PID": "1"})
         assert n.watchdog_interval is None and not n.watchdog()  # the watchdog is for another process
         assert n.ready() and recv(s).startswith("READY=1")
+        n.close()
     finally:
         s.close()
 
@@ -187,3 +188,4 @@ def test_notify_without_systemd_is_a_no_op(tmp_path: Path) -> None:
     assert not n.enabled and not n.ready() and not n.watchdog() and not n.stopping()
     gone = Notifier({"NOTIFY_SOCKET": str(tmp_path / "nobody-listens")})
     assert not gone.ready()  # an error is logged at debug level, never raised
+    gone.close()
