@@ -14,7 +14,7 @@ from typing import Any
 from daemon.cli.errors import CliError, guarded
 from daemon.cli.queries import _common, _csv_raw, _cut_filters, _find, _guard, _head, _open_out, _roots, _setup, _target, _write_rows
 from daemon.paths import show
-from daemon.queries.formats import FACE_COLUMNS, _faces_to_draw, _media_groups, csv_cell, csv_writer, face_record
+from daemon.queries.formats import FACE_COLUMNS, _faces_to_draw, _media_groups, csv_cell, csv_writer, face_record, on_frame
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -111,14 +111,9 @@ def cmd_annotate(args: argparse.Namespace) -> int:
             image_id, _ = _find(conn, args.target, target)
             sha = conn.execute(select(schema.images.c.sha256).where(schema.images.c.id == image_id)).scalar_one()
             rows = list(read.faces(conn, Filters(sha256=(sha,), bundle=f.bundle, threshold=f.threshold, margin=f.margin, sort="sha256"), sc))
-            frame = args.frame
-            in_video = [r["frame"] for r in rows if r.get("frame") is not None]
-            if frame is None and in_video:
-                frame = in_video[0]  # a video: the frame of its first face unless --frame says
-            if frame is not None:
-                if args.frame is not None and not in_video and not _is_video(conn, image_id, sc):
-                    raise CliError(f"--frame {args.frame}: {args.target} is a photo, not a video; leave --frame out")
-                rows = [r for r in rows if r.get("frame") == frame]
+            if args.frame is not None and all(r.get("frame") is None for r in rows) and not _is_video(conn, image_id, sc):
+                raise CliError(f"--frame {args.frame}: {args.target} is a photo, not a video; leave --frame out")
+            frame, rows = on_frame(rows, args.frame)  # a video: --frame, else the frame of its first face
             out = os.fsencode(args.output)
             if out.endswith(b"/") or os.path.isdir(out):
                 tag = "" if frame is None else f".f{frame}"

@@ -187,6 +187,14 @@ def _faces_to_draw(rows: list[dict]) -> list[dict]:
              "age": r["age"], "landmarks": json.loads(r["landmarks"]) if r.get("landmarks") else []} for r in sorted(rows, key=lambda r: r["idx"])]
 
 
+def on_frame(rows: list[dict], frame: int | None) -> tuple[int | None, list[dict]]:
+    """The face rows one picture shows: for a video, those of ``frame`` (None: the earliest frame
+    holding a face); for a photo (no row has a frame), every row and frame None."""
+    if frame is None:
+        frame = min((r["frame"] for r in rows if r.get("frame") is not None), default=None)
+    return (None, rows) if frame is None else (frame, [r for r in rows if r.get("frame") == frame])
+
+
 def video_line(v: dict) -> str:
     """A video's facts in one line (``show``): codec, duration, frames sampled, where it was cut."""
     dur = f"{v['duration']:.1f} s" if v.get("duration") is not None else "duration unknown"

@@ -13,6 +13,7 @@ from starlette.routing import Route
 
 from daemon.queries import filters as flt
 from daemon.queries import read
+from daemon.queries.formats import on_frame
 from daemon.web.state import SHA_RE, State, bundle_keys, cut_from, form_values, links, parse_filters
 
 
@@ -53,8 +54,9 @@ def routes(st: State) -> list[Route]:
         if d.get("video") and shown is not None:  # a video: one sampled frame at a time, its faces on it
             frames = sorted({r["frame"] for r in shown["faces_rows"] if r.get("frame") is not None})
             raw = request.query_params.get("frame", "")
-            frame = int(raw) if raw.isdigit() and len(raw) < 10 else (frames[0] if frames else 0)
-            shown = {**shown, "faces_rows": [r for r in shown["faces_rows"] if r.get("frame") == frame]}
+            frame, faces_rows = on_frame(shown["faces_rows"], int(raw) if raw.isdigit() and len(raw) < 10 else None)
+            frame = 0 if frame is None else frame  # a video without faces: its first frame
+            shown = {**shown, "faces_rows": faces_rows}
         return st.render(request, "image.html", d=d, shown=shown, cut=sc.cut, q=urlencode(f.to_params()), frame=frame, frames=frames)
 
     return [

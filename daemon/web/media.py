@@ -26,6 +26,7 @@ from starlette.routing import Route
 
 from daemon.queries import filters as flt
 from daemon.queries import media, read
+from daemon.queries.formats import on_frame
 from daemon.render import crop, draw_faces, encode
 from daemon.store import schema as s
 from daemon.web.state import DISPLAY_SIDE, SHA_RE, Pixels, State, cut_from, int_param
@@ -198,11 +199,7 @@ def routes(st: State) -> list[Route]:
             except flt.FilterError as err:
                 return PlainTextResponse("; ".join(err.problems), 400)
             rows = list(read.faces(conn, flt.Filters(sha256=(sha,), bundle=f.bundle, sort="sha256"), sc))
-            in_video = [r["frame"] for r in rows if r.get("frame") is not None]
-            if frame is None and in_video:
-                frame = in_video[0]  # a video: the frame of its first face unless ?frame= says
-            if frame is not None:
-                rows = [r for r in rows if r.get("frame") == frame]
+            frame, rows = on_frame(rows, frame)  # a video: ?frame=, else the frame of its first face
             src = _source(conn, sha, frame)
         try:
             px = _pixels(src, lambda full: DISPLAY_SIDE)
